@@ -1,0 +1,13 @@
+//! hoist: a container image service for Kubernetes nodes.
+//!
+//! The pipeline and module map are described in `DESIGN.md`; each resource
+//! (content, metadata, snapshots, remotes) lives in its own module behind a
+//! trait with a conformance suite.
+
+pub mod content;
+pub mod descriptor;
+pub mod digest;
+pub mod filters;
+pub mod metadata;
+pub mod reference;
+pub mod root;

@@ -1,0 +1,244 @@
+//! Image records: a name, unique per namespace, pointing at a target descriptor.
+
+use super::{Db, Error, Labels, Result, from_nanos, load_all_labels, replace_labels, to_nanos};
+use crate::descriptor::Descriptor;
+use crate::digest::Digest;
+use crate::filters::{Adaptor, Filter};
+use rusqlite::{Connection, params};
+use std::time::SystemTime;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub name: String,
+    pub target: Descriptor,
+    pub labels: Labels,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+}
+
+impl Image {
+    pub fn new(name: impl Into<String>, target: Descriptor) -> Self {
+        let now = SystemTime::now();
+        Image {
+            name: name.into(),
+            target,
+            labels: Labels::new(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+impl Adaptor for Image {
+    fn field(&self, path: &[String]) -> Option<String> {
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        match path.as_slice() {
+            ["name"] => Some(self.name.clone()),
+            ["target", "digest"] => Some(self.target.digest.to_string()),
+            ["target", "mediatype"] => Some(self.target.media_type.clone()),
+            ["labels", key] => self.labels.get(*key).cloned(),
+            _ => None,
+        }
+    }
+}
+
+/// Every image of `namespace` (`None`: all), with (namespace, image).
+pub(crate) fn all_images(
+    conn: &Connection,
+    namespace: Option<&str>,
+) -> rusqlite::Result<Vec<(String, Image)>> {
+    let mut labels = load_all_labels(conn, "image_labels", namespace)?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT namespace, name, media_type, digest, size, created_at, updated_at
+         FROM images WHERE ?1 IS NULL OR namespace = ?1 ORDER BY namespace, name",
+    )?;
+    let rows = stmt.query_map(params![namespace], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, i64>(6)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (ns, name, media_type, digest, size, created, updated) = row?;
+        let Ok(digest) = digest.parse::<Digest>() else {
+            tracing::warn!(image = %name, digest, "skipping an image with a malformed target digest");
+            continue;
+        };
+        let image = Image {
+            labels: labels
+                .remove(&(ns.clone(), name.clone()))
+                .unwrap_or_default(),
+            name,
+            target: Descriptor::new(media_type, digest, size as u64),
+            created_at: from_nanos(created),
+            updated_at: from_nanos(updated),
+        };
+        out.push((ns, image));
+    }
+    Ok(out)
+}
+
+impl Db {
+    pub fn image(&self, namespace: &str, name: &str) -> Result<Image> {
+        self.list_images(namespace, &Filter::default())?
+            .into_iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| Error::NotFound(format!("image {name:?}")))
+    }
+
+    pub fn list_images(&self, namespace: &str, filter: &Filter) -> Result<Vec<Image>> {
+        let images = self.transaction(|tx| all_images(tx, Some(namespace)))?;
+        Ok(images
+            .into_iter()
+            .map(|(_, image)| image)
+            .filter(|image| filter.matches(image))
+            .collect())
+    }
+
+    /// Records a new image; AlreadyExists when the name is taken.
+    pub fn create_image(&self, namespace: &str, image: Image) -> Result<Image> {
+        self.write_image(namespace, image, false)
+    }
+
+    /// Points an existing name at a new target and labels; NotFound when absent.
+    pub fn update_image(&self, namespace: &str, image: Image) -> Result<Image> {
+        self.write_image(namespace, image, true)
+    }
+
+    /// Creates the image, or updates it when the name exists (keeping its
+    /// creation time).
+    pub fn put_image(&self, namespace: &str, image: Image) -> Result<Image> {
+        match self.create_image(namespace, image.clone()) {
+            Err(Error::AlreadyExists(_)) => self.update_image(namespace, image),
+            other => other,
+        }
+    }
+
+    fn write_image(&self, namespace: &str, mut image: Image, update: bool) -> Result<Image> {
+        if image.name.is_empty() {
+            return Err(Error::InvalidArgument("an image needs a name".to_string()));
+        }
+        let _guard = self.mutation_guard();
+        image.updated_at = SystemTime::now();
+        self.transaction(|tx| {
+            let t = &image.target;
+            let (digest, size) = (t.digest.to_string(), t.size as i64);
+            let updated_at = to_nanos(image.updated_at);
+            let n = if update {
+                tx.prepare_cached(
+                    "UPDATE images SET media_type = ?3, digest = ?4, size = ?5, updated_at = ?6
+                     WHERE namespace = ?1 AND name = ?2",
+                )?
+                .execute(params![
+                    namespace,
+                    image.name,
+                    t.media_type,
+                    digest,
+                    size,
+                    updated_at
+                ])?
+            } else {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO images
+                     (namespace, name, media_type, digest, size, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?
+                .execute(params![
+                    namespace,
+                    image.name,
+                    t.media_type,
+                    digest,
+                    size,
+                    to_nanos(image.created_at),
+                    updated_at
+                ])?
+            };
+            match (n, update) {
+                (0, true) => return Err(Error::NotFound(format!("image {:?}", image.name))),
+                (0, false) => return Err(Error::AlreadyExists(format!("image {:?}", image.name))),
+                _ => {}
+            }
+            replace_labels(tx, "image_labels", namespace, &image.name, &image.labels)?;
+            Ok(())
+        })?;
+        self.image(namespace, &image.name)
+    }
+
+    /// Removes an image name; its content stays until garbage collection.
+    pub fn delete_image(&self, namespace: &str, name: &str) -> Result<()> {
+        let n = self.transaction(|tx| {
+            tx.prepare_cached("DELETE FROM images WHERE namespace = ?1 AND name = ?2")?
+                .execute(params![namespace, name])
+        })?;
+        if n == 0 {
+            return Err(Error::NotFound(format!("image {name:?}")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::NAMESPACE_DEFAULT as NS;
+
+    fn target(data: &[u8]) -> Descriptor {
+        Descriptor::new(
+            "application/vnd.oci.image.manifest.v1+json",
+            Digest::of(data),
+            data.len() as u64,
+        )
+    }
+
+    #[test]
+    fn image_crud() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let mut img = Image::new("docker.io/library/a:1", target(b"m1"));
+        img.labels.insert("team".into(), "x".into());
+        let created = db.create_image(NS, img.clone()).unwrap();
+        assert_eq!(created.target, img.target);
+        assert_eq!(created.labels, img.labels);
+        assert!(matches!(
+            db.create_image(NS, img.clone()),
+            Err(Error::AlreadyExists(_))
+        ));
+        let mut moved = img.clone();
+        moved.target = target(b"m2");
+        moved.labels.clear();
+        let updated = db.put_image(NS, moved).unwrap();
+        assert_eq!(updated.target.digest, Digest::of(b"m2"));
+        assert!(updated.labels.is_empty());
+        assert_eq!(updated.created_at, created.created_at);
+        assert!(matches!(
+            db.update_image(NS, Image::new("nope", target(b"m"))),
+            Err(Error::NotFound(_))
+        ));
+        db.create_image(NS, Image::new("docker.io/library/b:1", target(b"m2")))
+            .unwrap();
+        assert!(
+            db.list_images("other", &Filter::default())
+                .unwrap()
+                .is_empty()
+        );
+        let by_digest = Filter::parse(&format!("target.digest=={}", Digest::of(b"m2"))).unwrap();
+        assert_eq!(db.list_images(NS, &by_digest).unwrap().len(), 2);
+        let by_name = Filter::parse("name~=/a:").unwrap();
+        assert_eq!(db.list_images(NS, &by_name).unwrap().len(), 1);
+        db.delete_image(NS, "docker.io/library/a:1").unwrap();
+        assert!(matches!(
+            db.image(NS, "docker.io/library/a:1"),
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            db.delete_image(NS, "docker.io/library/a:1"),
+            Err(Error::NotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,196 @@
+//! The metadata database: which content, images, leases and snapshots exist in
+//! which namespace, with which labels. SQLite in WAL mode at `<root>/meta.db`.
+//!
+//! All calls block; async callers run them on blocking threads. One connection
+//! serialises writers, and `gc_lock` keeps garbage collection from running
+//! between a blob's rename into place and the row that records it.
+
+pub mod content;
+pub mod gc;
+pub mod images;
+pub mod leases;
+mod schema;
+
+use crate::content::local::LocalStore;
+use parking_lot::{Mutex, RwLock};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use content::ContentStore;
+
+pub type Labels = BTreeMap<String, String>;
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Namespace the CRI service uses, as in containerd.
+pub const NAMESPACE_CRI: &str = "k8s.io";
+/// Namespace of the command line.
+pub const NAMESPACE_DEFAULT: &str = "default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error(transparent)]
+    Content(#[from] crate::content::Error),
+    #[error("metadata database: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error(
+        "metadata database {path}: schema version {found} is newer than this hoist knows ({known})"
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+}
+
+pub struct Db {
+    conn: Mutex<Connection>,
+    gc_lock: RwLock<()>,
+    content: LocalStore,
+    root: PathBuf,
+}
+
+impl Db {
+    /// Opens the database and content store under `root`, migrating the schema.
+    pub fn open(root: &Path) -> Result<Arc<Db>> {
+        let content = LocalStore::open(root.join("content"))?;
+        let path = root.join("meta.db");
+        let mut conn = Connection::open(&path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a committed row survives power loss, so it never outlives the
+        // files it describes in the other direction either.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        schema::migrate(&mut conn, &path)?;
+        Ok(Arc::new(Db {
+            conn: Mutex::new(conn),
+            gc_lock: RwLock::new(()),
+            content,
+            root: root.to_path_buf(),
+        }))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The bytes underneath every namespace's content store.
+    pub fn local_content(&self) -> &LocalStore {
+        &self.content
+    }
+
+    /// The content store of one namespace; writes are not held by any lease.
+    pub fn content_store(self: &Arc<Self>, namespace: &str) -> ContentStore {
+        ContentStore::new(self.clone(), namespace, None)
+    }
+
+    /// Runs `f` inside one transaction.
+    pub(crate) fn transaction<T, E: From<rusqlite::Error>>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Holds off garbage collection while an operation makes new objects visible.
+    pub(crate) fn mutation_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.gc_lock.read()
+    }
+}
+
+pub(crate) fn to_nanos(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+pub(crate) fn from_nanos(n: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(u64::try_from(n).unwrap_or(0))
+}
+
+/// The labels tables share one shape: (namespace, owner, key, value).
+pub(crate) fn load_labels(
+    conn: &Connection,
+    table: &str,
+    namespace: &str,
+    owner: &str,
+) -> rusqlite::Result<Labels> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT key, value FROM {table} WHERE namespace = ?1 AND owner = ?2"
+    ))?;
+    stmt.query_map(params![namespace, owner], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
+}
+
+/// Every label of every owner in `namespace` (`None`: all namespaces), keyed
+/// by (namespace, owner): one query instead of one per object.
+pub(crate) fn load_all_labels(
+    conn: &Connection,
+    table: &str,
+    namespace: Option<&str>,
+) -> rusqlite::Result<BTreeMap<(String, String), Labels>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT namespace, owner, key, value FROM {table} WHERE ?1 IS NULL OR namespace = ?1"
+    ))?;
+    let mut out: BTreeMap<(String, String), Labels> = BTreeMap::new();
+    let rows = stmt.query_map(params![namespace], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get(2)?,
+            r.get(3)?,
+        ))
+    })?;
+    for row in rows {
+        let (ns, owner, k, v) = row?;
+        out.entry((ns, owner)).or_default().insert(k, v);
+    }
+    Ok(out)
+}
+
+pub(crate) fn replace_labels(
+    conn: &Connection,
+    table: &str,
+    namespace: &str,
+    owner: &str,
+    labels: &Labels,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!(
+        "DELETE FROM {table} WHERE namespace = ?1 AND owner = ?2"
+    ))?
+    .execute(params![namespace, owner])?;
+    let mut insert = conn.prepare_cached(&format!(
+        "INSERT INTO {table} (namespace, owner, key, value) VALUES (?1, ?2, ?3, ?4)"
+    ))?;
+    for (k, v) in labels {
+        insert.execute(params![namespace, owner, k, v])?;
+    }
+    Ok(())
+}
+
+pub(crate) fn exists(
+    conn: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> rusqlite::Result<bool> {
+    Ok(conn
+        .prepare_cached(sql)?
+        .query_row(args, |_| Ok(()))
+        .optional()?
+        .is_some())
+}
