@@ -28,6 +28,42 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fetch an image (index, manifests, config, layers) and record it
+    Pull {
+        /// Platform to fetch, os/arch[/variant] (repeatable) [default: this machine's]
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        /// Fetch every platform of an index
+        #[arg(long)]
+        all_platforms: bool,
+        /// Accepted for compatibility: unpacking is not part of hoist yet
+        #[arg(long)]
+        no_unpack: bool,
+        /// Directory of registry host configuration (containerd's hosts.toml layout)
+        #[arg(long, default_value = "/etc/hoist/certs.d")]
+        hosts_dir: PathBuf,
+        /// Use plain HTTP for the registry
+        #[arg(long)]
+        plain_http: bool,
+        /// Registry credentials, USER[:PASSWORD]
+        #[arg(long, short)]
+        user: Option<String>,
+        /// Give up when a download makes no progress for this long
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        progress_timeout: std::time::Duration,
+        /// Downloads that run at once
+        #[arg(long, default_value_t = 3)]
+        max_concurrent_downloads: usize,
+        reference: String,
+    },
+    /// List images: name, digest, size and platforms
+    #[command(alias = "ls")]
+    Images {
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Remove images by name, then collect garbage
+    Rmi { references: Vec<String> },
     /// Remove everything no image, lease or root label keeps alive
     Gc,
     /// Inspect the content store
@@ -50,6 +86,16 @@ enum ContentCommand {
     },
 }
 
+mod cli_pull;
+
+/// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+fn docker_config_path() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+        return Some(PathBuf::from(dir).join("config.json"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -70,6 +116,57 @@ fn run(cli: Cli) -> Result<()> {
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let db = Db::open(&root).with_context(|| format!("opening hoist root {}", root.display()))?;
     match cli.command {
+        Command::Pull {
+            platforms,
+            all_platforms,
+            no_unpack: _,
+            hosts_dir,
+            plain_http,
+            user,
+            progress_timeout,
+            max_concurrent_downloads,
+            reference,
+        } => {
+            let options = hoist::pull::PullOptions {
+                platforms: platforms
+                    .iter()
+                    .map(|p| hoist::images::platform::parse(p))
+                    .collect::<Result<_, _>>()?,
+                all_platforms,
+                credentials: user
+                    .as_deref()
+                    .map(hoist::remote::Credentials::from_user_flag),
+            };
+            let remote = hoist::remote::RemoteOptions {
+                hosts: hoist::remote::HostsConfig::new(Some(hosts_dir), plain_http),
+                credentials: hoist::remote::CredentialSource {
+                    explicit: None,
+                    docker_config: docker_config_path(),
+                },
+                progress_timeout,
+                ..Default::default()
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(cli_pull::run(
+                db,
+                &cli.namespace,
+                &reference,
+                options,
+                remote,
+                max_concurrent_downloads,
+            ))?;
+        }
+        Command::Images { quiet } => cli_pull::list_images(&db, &cli.namespace, quiet)?,
+        Command::Rmi { references } => {
+            for r in &references {
+                let name = hoist::reference::Reference::parse(r)?.to_string();
+                db.delete_image(&cli.namespace, &name)
+                    .with_context(|| format!("removing {r}"))?;
+                println!("{name}");
+            }
+            let report = db.garbage_collect(&[])?;
+            eprintln!("freed {}", human_size(report.bytes_freed));
+        }
         Command::Gc => {
             let r = db.garbage_collect(&[])?;
             println!(

@@ -54,7 +54,7 @@ pub enum Error {
 }
 
 /// Adds what was being done to an I/O error, so that it names the file.
-pub(crate) trait IoContext<T> {
+pub trait IoContext<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T>;
 }
 

@@ -113,7 +113,7 @@ impl Db {
     }
 }
 
-pub(crate) fn to_nanos(t: SystemTime) -> i64 {
+pub fn to_nanos(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)

@@ -1,0 +1,399 @@
+//! The pull pipeline: resolve, fetch the descriptor tree into the content
+//! store under a lease, then record the image. Used by both the CLI and the
+//! CRI service.
+
+pub mod fetch;
+pub mod progress;
+
+use crate::content::{Error as ContentError, Labels, Store};
+use crate::descriptor::{Descriptor, Platform};
+use crate::digest::Digest;
+use crate::images::{self, Kind, platform};
+use crate::metadata::images::Image;
+use crate::metadata::leases::expire_label;
+use crate::metadata::{ContentStore, Db};
+use crate::reference::{Reference, ReferenceError};
+use crate::remote::client::Repository;
+use crate::remote::{Credentials, RegistryClient};
+use futures_util::future::try_join_all;
+use parking_lot::Mutex;
+use progress::{Progress, State};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+use tokio::sync::Semaphore;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error(transparent)]
+    Remote(#[from] crate::remote::Error),
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    #[error(transparent)]
+    Metadata(#[from] crate::metadata::Error),
+    #[error(transparent)]
+    Image(#[from] images::Error),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Platforms to fetch; empty means this machine's.
+    pub platforms: Vec<Platform>,
+    pub all_platforms: bool,
+    pub credentials: Option<Credentials>,
+}
+
+/// What a pull produced.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    pub name: String,
+    pub target: Descriptor,
+    /// The platform manifests fetched, with their configs.
+    pub manifests: Vec<PulledManifest>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PulledManifest {
+    pub platform: Option<Platform>,
+    pub manifest: Descriptor,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+}
+
+/// Long-lived pull machinery: the download limit and the per-digest locks
+/// that make each blob download once however many pulls want it.
+pub struct Puller {
+    db: Arc<Db>,
+    client: Arc<RegistryClient>,
+    downloads: Arc<Semaphore>,
+    blob_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+static LEASE_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A lease outlives a crashed or cancelled pull by this much, so its ingests
+/// can be resumed before GC takes them.
+const PULL_LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+impl Puller {
+    pub fn new(
+        db: Arc<Db>,
+        client: Arc<RegistryClient>,
+        max_concurrent_downloads: usize,
+    ) -> Arc<Self> {
+        Arc::new(Puller {
+            db,
+            client,
+            downloads: Arc::new(Semaphore::new(max_concurrent_downloads.max(1))),
+            blob_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn db(&self) -> &Arc<Db> {
+        &self.db
+    }
+
+    /// Pulls `reference` into `namespace` and records it as an image.
+    pub async fn pull(
+        self: &Arc<Self>,
+        namespace: &str,
+        reference: &str,
+        options: &PullOptions,
+        progress: &Progress,
+    ) -> Result<Pulled> {
+        let reference = Reference::parse(reference)?;
+        let name = reference.to_string();
+        let repo = self
+            .client
+            .repository(&reference, options.credentials.as_ref())?;
+        progress.set(&name, State::Resolving, 0);
+        let target = repo.resolve(&reference).await?;
+        progress.set(&name, State::Resolved, 0);
+        tracing::info!(image = %name, digest = %target.digest, "resolved");
+
+        let lease = format!(
+            "hoist-pull-{}-{}-{}",
+            crate::metadata::to_nanos(SystemTime::now()),
+            std::process::id(),
+            LEASE_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let db = self.db.clone();
+        let (ns, id) = (namespace.to_string(), lease.clone());
+        blocking(move || db.create_lease(&ns, &id, [expire_label(PULL_LEASE_TTL)].into()))
+            .await??;
+        let store = self.db.content_store(namespace).with_lease(&lease);
+
+        let job = Job {
+            puller: self.clone(),
+            repo: &repo,
+            store: &store,
+            options,
+            progress,
+        };
+        let result = job.fetch_root(&target).await;
+        let outcome = match result {
+            Ok(manifests) => {
+                let db = self.db.clone();
+                let (ns, image) = (
+                    namespace.to_string(),
+                    Image::new(name.clone(), target.clone()),
+                );
+                blocking(move || db.put_image(&ns, image)).await??;
+                Ok(Pulled {
+                    name,
+                    target,
+                    manifests,
+                })
+            }
+            Err(e) => Err(e),
+        };
+        // Success or failure, the pull's hold ends here; after a failure GC
+        // removes what it fetched. (A cancelled pull never gets here, and its
+        // lease keeps the ingests until it expires, for a resume.)
+        let db = self.db.clone();
+        let ns = namespace.to_string();
+        if let Err(e) = blocking(move || db.delete_lease(&ns, &lease)).await? {
+            tracing::warn!(error = %e, "could not release the pull lease");
+        }
+        outcome
+    }
+
+    fn blob_lock(&self, digest: &Digest) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.blob_locks.lock();
+        // Forget locks nobody holds, so the map stays as small as the work.
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(digest.clone()).or_default().clone()
+    }
+}
+
+struct Job<'a> {
+    puller: Arc<Puller>,
+    repo: &'a Repository,
+    store: &'a ContentStore,
+    options: &'a PullOptions,
+    progress: &'a Progress,
+}
+
+fn progress_key(kind: Kind, digest: &Digest) -> String {
+    format!("{}-{digest}", kind.name())
+}
+
+impl Job<'_> {
+    async fn fetch_root(&self, target: &Descriptor) -> Result<Vec<PulledManifest>> {
+        match images::kind(target)? {
+            Kind::Index => {
+                let body = self.manifest_bytes(target).await?;
+                let index = images::parse_index(target, &body)?;
+                let manifests = self.choose(target, &index.manifests)?;
+                let labels = images::gc_child_labels(Kind::Index, &manifests);
+                self.store_manifest(target, Kind::Index, labels, body)
+                    .await?;
+                let fetched =
+                    try_join_all(manifests.iter().map(|m| self.fetch_manifest_tree(m))).await?;
+                Ok(fetched)
+            }
+            Kind::Manifest => Ok(vec![self.fetch_manifest_tree(target).await?]),
+            other => Err(Error::Image(images::Error::Invalid {
+                what: "image",
+                digest: target.digest.to_string(),
+                message: format!(
+                    "the reference points at a {}, not a manifest or index",
+                    other.name()
+                ),
+            })),
+        }
+    }
+
+    /// The manifests of an index this pull wants.
+    fn choose(&self, index: &Descriptor, manifests: &[Descriptor]) -> Result<Vec<Descriptor>> {
+        let candidates: Vec<&Descriptor> = manifests
+            .iter()
+            .filter(|m| !images::is_attestation(m))
+            .collect();
+        if self.options.all_platforms {
+            return Ok(candidates.into_iter().cloned().collect());
+        }
+        let wanted = if self.options.platforms.is_empty() {
+            vec![platform::host()]
+        } else {
+            self.options.platforms.clone()
+        };
+        let mut chosen: Vec<Descriptor> = Vec::new();
+        for w in &wanted {
+            let best = candidates
+                .iter()
+                .filter_map(|m| Some((platform::rank(w, m.platform.as_ref()?)?, *m)))
+                .min_by_key(|(rank, _)| *rank);
+            match best {
+                Some((_, m)) if !chosen.iter().any(|c| c.digest == m.digest) => {
+                    chosen.push(m.clone())
+                }
+                Some(_) => {}
+                None => {
+                    let available: Vec<String> = candidates
+                        .iter()
+                        .filter_map(|m| m.platform.as_ref().map(images::platform_string))
+                        .collect();
+                    return Err(Error::Image(images::Error::NoMatchingPlatform {
+                        wanted: images::platform_string(w),
+                        digest: index.digest.to_string(),
+                        available: available.join(", "),
+                    }));
+                }
+            }
+        }
+        Ok(chosen)
+    }
+
+    async fn fetch_manifest_tree(&self, desc: &Descriptor) -> Result<PulledManifest> {
+        match images::kind(desc)? {
+            Kind::Manifest => {}
+            other => {
+                return Err(Error::Image(images::Error::Invalid {
+                    what: "manifest",
+                    digest: desc.digest.to_string(),
+                    message: format!("expected a manifest, found a {}", other.name()),
+                }));
+            }
+        }
+        let body = self.manifest_bytes(desc).await?;
+        let manifest = images::parse_manifest(desc, &body)?;
+        let mut children = vec![manifest.config.clone()];
+        children.extend(manifest.layers.iter().cloned());
+        for child in &children {
+            match images::kind(child)? {
+                Kind::Config | Kind::Layer(_) => {}
+                other => {
+                    return Err(Error::Image(images::Error::Invalid {
+                        what: "manifest",
+                        digest: desc.digest.to_string(),
+                        message: format!("child {} is a {}", child.digest, other.name()),
+                    }));
+                }
+            }
+        }
+        let labels = images::gc_child_labels(Kind::Manifest, &children);
+        self.store_manifest(desc, Kind::Manifest, labels, body)
+            .await?;
+        try_join_all(children.iter().map(|c| self.fetch_data_blob(c))).await?;
+        Ok(PulledManifest {
+            platform: desc.platform.clone(),
+            manifest: desc.clone(),
+            config: manifest.config,
+            layers: manifest.layers,
+        })
+    }
+
+    /// A manifest or index: from the store when present, else the registry.
+    async fn manifest_bytes(&self, desc: &Descriptor) -> Result<Vec<u8>> {
+        let key = progress_key(images::kind(desc)?, &desc.digest);
+        let store = self.store.clone();
+        let digest = desc.digest.clone();
+        let local = blocking(move || -> crate::content::Result<Vec<u8>> {
+            let mut blob = store.reader_at(&digest)?;
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut blob, &mut out).map_err(|source| ContentError::Io {
+                context: format!("reading {digest}"),
+                source,
+            })?;
+            Ok(out)
+        })
+        .await?;
+        match local {
+            Ok(body) if Digest::of(&body) == desc.digest => {
+                self.progress.set(&key, State::Exists, desc.size);
+                return Ok(body);
+            }
+            Ok(_) | Err(ContentError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.progress.set(&key, State::Downloading, desc.size);
+        let body = self.repo.fetch_manifest(desc).await?;
+        self.progress.set(&key, State::Done, desc.size);
+        Ok(body.to_vec())
+    }
+
+    /// Writes a manifest or index with its GC labels (merged into an existing blob's).
+    async fn store_manifest(
+        &self,
+        desc: &Descriptor,
+        kind: Kind,
+        mut labels: Labels,
+        body: Vec<u8>,
+    ) -> Result<()> {
+        let (k, v) = images::distribution_source_label(self.repo.registry(), self.repo.path());
+        labels.insert(k, v);
+        let store = self.store.clone();
+        let desc = desc.clone();
+        let key = progress_key(kind, &desc.digest);
+        blocking(move || -> crate::content::Result<()> {
+            crate::content::write_blob(&store, &key, body.as_slice(), &desc, labels.clone())?;
+            merge_labels(&store, &desc.digest, labels)
+        })
+        .await??;
+        Ok(())
+    }
+
+    /// A config or layer, streamed; each digest downloads once at a time.
+    async fn fetch_data_blob(&self, desc: &Descriptor) -> Result<()> {
+        let key = progress_key(images::kind(desc)?, &desc.digest);
+        self.progress.set(&key, State::Waiting, desc.size);
+        let lock = self.puller.blob_lock(&desc.digest);
+        let _once = lock.lock().await;
+        let _slot = self
+            .puller
+            .downloads
+            .acquire()
+            .await
+            .map_err(|e| Error::Internal(format!("download limiter: {e}")))?;
+        let (k, v) = images::distribution_source_label(self.repo.registry(), self.repo.path());
+        let labels: Labels = [(k, v)].into();
+        let state = fetch::fetch_blob(
+            self.repo,
+            self.store,
+            desc,
+            &key,
+            labels.clone(),
+            self.progress,
+        )
+        .await?;
+        if state == State::Exists {
+            let store = self.store.clone();
+            let digest = desc.digest.clone();
+            blocking(move || merge_labels(&store, &digest, labels)).await??;
+        }
+        self.progress.set(&key, state, desc.size);
+        Ok(())
+    }
+}
+
+/// Adds `labels` to a blob's labels, keeping the others.
+fn merge_labels(
+    store: &ContentStore,
+    digest: &Digest,
+    labels: Labels,
+) -> crate::content::Result<()> {
+    let mut info = store.info(digest)?;
+    if labels.iter().all(|(k, v)| info.labels.get(k) == Some(v)) {
+        return Ok(());
+    }
+    let paths: Vec<String> = labels.keys().map(|k| format!("labels.{k}")).collect();
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    info.labels = labels;
+    store.update(info, &paths)?;
+    Ok(())
+}
+
+/// Runs blocking work (SQLite, file I/O) off the async runtime.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task: {e}")))
+}

@@ -1,0 +1,472 @@
+//! Registry credentials and the auth handshake: anonymous, basic, and the
+//! bearer-token challenge (realm, service, scope), with tokens cached per
+//! scope until they expire. Secrets live in [`Secret`], whose `Debug` and
+//! `Display` never show them.
+
+use super::{Error, Result};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// A string that must never reach a log.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// What the caller gives to authenticate against one registry.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Credentials {
+    #[default]
+    Anonymous,
+    Basic {
+        username: String,
+        password: Secret,
+    },
+    /// An OAuth2 refresh token, exchanged at the token realm.
+    IdentityToken(Secret),
+    /// A bearer token sent as it is.
+    RegistryToken(Secret),
+}
+
+impl Credentials {
+    /// Reads CRI/docker `auth` (base64 `user:password`).
+    pub fn from_auth_field(auth: &str) -> Result<Self> {
+        let decoded = BASE64
+            .decode(auth.trim())
+            .map_err(|e| Error::Credentials(format!("auth is not base64: {e}")))?;
+        let decoded = String::from_utf8(decoded)
+            .map_err(|_| Error::Credentials("auth is not UTF-8".to_string()))?;
+        let (user, pass) = decoded
+            .split_once(':')
+            .ok_or_else(|| Error::Credentials("auth is not user:password".to_string()))?;
+        Ok(Credentials::Basic {
+            username: user.to_string(),
+            password: Secret::new(pass),
+        })
+    }
+
+    /// Reads the CLI's `USER[:PASSWORD]`.
+    pub fn from_user_flag(user: &str) -> Self {
+        let (username, password) = user.split_once(':').unwrap_or((user, ""));
+        Credentials::Basic {
+            username: username.to_string(),
+            password: Secret::new(password),
+        }
+    }
+
+    /// Builds credentials from the fields of a CRI `AuthConfig` or a docker
+    /// `config.json` entry, in the order containerd prefers them.
+    pub fn from_fields(
+        username: &str,
+        password: &str,
+        auth: &str,
+        identity_token: &str,
+        registry_token: &str,
+    ) -> Result<Self> {
+        Ok(if !registry_token.is_empty() {
+            Credentials::RegistryToken(Secret::new(registry_token))
+        } else if !identity_token.is_empty() {
+            Credentials::IdentityToken(Secret::new(identity_token))
+        } else if !username.is_empty() {
+            Credentials::Basic {
+                username: username.to_string(),
+                password: Secret::new(password),
+            }
+        } else if !auth.is_empty() {
+            Self::from_auth_field(auth)?
+        } else {
+            Credentials::Anonymous
+        })
+    }
+}
+
+/// Where credentials come from: one set given by the caller, else a docker
+/// `config.json`, else none.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialSource {
+    pub explicit: Option<Credentials>,
+    pub docker_config: Option<PathBuf>,
+}
+
+impl CredentialSource {
+    pub fn for_host(&self, host: &str) -> Result<Credentials> {
+        if let Some(c) = &self.explicit {
+            return Ok(c.clone());
+        }
+        match &self.docker_config {
+            Some(path) => docker_config_lookup(path, host),
+            None => Ok(Credentials::Anonymous),
+        }
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: HashMap<String, DockerAuth>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct DockerAuth {
+    #[serde(default)]
+    auth: String,
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    identitytoken: String,
+    #[serde(default)]
+    registrytoken: String,
+}
+
+/// Finds `host` in a docker `config.json` (`auths`); a missing file means none.
+pub fn docker_config_lookup(path: &std::path::Path, host: &str) -> Result<Credentials> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Credentials::Anonymous),
+        Err(e) => {
+            return Err(Error::Credentials(format!(
+                "reading {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    let config: DockerConfig = serde_json::from_str(&text)
+        .map_err(|e| Error::Credentials(format!("parsing {}: {e}", path.display())))?;
+    let docker_hub = ["docker.io", "registry-1.docker.io", "index.docker.io"].contains(&host);
+    let entry = config.auths.iter().find(|(key, _)| {
+        let key = key
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        let key = key.split('/').next().unwrap_or(key);
+        key == host || (docker_hub && (key == "index.docker.io" || key == "docker.io"))
+    });
+    match entry {
+        Some((_, a)) => Credentials::from_fields(
+            &a.username,
+            &a.password,
+            &a.auth,
+            &a.identitytoken,
+            &a.registrytoken,
+        ),
+        None => Ok(Credentials::Anonymous),
+    }
+}
+
+/// One `WWW-Authenticate` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+}
+
+/// Parses `Bearer realm="…",service="…",scope="…"` or `Basic realm="…"`.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    let params = parse_params(rest);
+    match scheme.to_ascii_lowercase().as_str() {
+        "basic" => Some(Challenge::Basic),
+        "bearer" => Some(Challenge::Bearer {
+            realm: params.get("realm")?.clone(),
+            service: params.get("service").cloned(),
+            scope: params.get("scope").cloned(),
+        }),
+        _ => None,
+    }
+}
+
+fn parse_params(s: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut rest = s.trim();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once('=') else {
+            break;
+        };
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, remaining) = if let Some(quoted) = after.strip_prefix('"') {
+            // Values may hold commas (scopes do); only a quote ends them.
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            value.push(n);
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            (value, &quoted[end.min(quoted.len())..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim().to_string(), &after[end..])
+        };
+        out.insert(key, value);
+        rest = remaining.trim_start().trim_start_matches(',').trim_start();
+    }
+    out
+}
+
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// (realm, service, scope).
+type TokenKey = (String, String, String);
+
+/// Bearer tokens by (realm, service, scope), each until it expires.
+#[derive(Default)]
+pub struct TokenCache {
+    tokens: Mutex<HashMap<TokenKey, (Secret, Instant)>>,
+}
+
+impl TokenCache {
+    pub fn get(&self, realm: &str, service: &str, scope: &str) -> Option<Secret> {
+        let key = (realm.to_string(), service.to_string(), scope.to_string());
+        let tokens = self.tokens.lock();
+        let (token, until) = tokens.get(&key)?;
+        (Instant::now() < *until).then(|| token.clone())
+    }
+
+    /// Asks the realm for a token and caches it.
+    pub async fn fetch(
+        &self,
+        http: &reqwest::Client,
+        realm: &str,
+        service: &str,
+        scope: &str,
+        credentials: &Credentials,
+    ) -> Result<Secret> {
+        let registry = realm.to_string();
+        let unavailable = |e: reqwest::Error| Error::Unavailable {
+            registry: registry.clone(),
+            message: format!("token request failed: {e}"),
+        };
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if !service.is_empty() {
+            query.push(("service", service));
+        }
+        if !scope.is_empty() {
+            query.push(("scope", scope));
+        }
+        let response = match credentials {
+            Credentials::IdentityToken(token) => {
+                let form = [
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", token.expose()),
+                    ("service", service),
+                    ("scope", scope),
+                    ("client_id", "hoist"),
+                ];
+                http.post(realm).form(&form).send().await
+            }
+            Credentials::Basic { username, password } => {
+                http.get(realm)
+                    .query(&query)
+                    .basic_auth(username, Some(password.expose()))
+                    .send()
+                    .await
+            }
+            Credentials::Anonymous | Credentials::RegistryToken(_) => {
+                http.get(realm).query(&query).send().await
+            }
+        }
+        .map_err(unavailable)?;
+        let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(Error::Denied {
+                registry: realm.to_string(),
+                what: format!("token for {scope:?}"),
+                message: status.to_string(),
+            });
+        }
+        if !status.is_success() {
+            return Err(Error::Protocol {
+                registry: realm.to_string(),
+                what: "token".to_string(),
+                message: status.to_string(),
+            });
+        }
+        let body: TokenResponse = response.json().await.map_err(unavailable)?;
+        let token = if body.token.is_empty() {
+            body.access_token
+        } else {
+            body.token
+        };
+        if token.is_empty() {
+            return Err(Error::Protocol {
+                registry: realm.to_string(),
+                what: "token".to_string(),
+                message: "the token response holds no token".to_string(),
+            });
+        }
+        // Registries default to 60 s; renew a little early.
+        let ttl = Duration::from_secs(body.expires_in.unwrap_or(60).max(10) - 5);
+        let secret = Secret::new(token);
+        self.tokens.lock().insert(
+            (realm.to_string(), service.to_string(), scope.to_string()),
+            (secret.clone(), Instant::now() + ttl),
+        );
+        Ok(secret)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let c = Credentials::Basic {
+            username: "me".into(),
+            password: Secret::new("hunter2"),
+        };
+        let shown = format!("{c:?} {}", Secret::new("hunter2"));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("me"));
+        let t = format!("{:?}", Credentials::IdentityToken(Secret::new("tok")));
+        assert!(!t.contains("tok\""), "{t}");
+    }
+
+    #[test]
+    fn credential_fields_in_preference_order() {
+        let auth = BASE64.encode("u:p:with:colons");
+        assert_eq!(
+            Credentials::from_fields("", "", &auth, "", "").unwrap(),
+            Credentials::Basic {
+                username: "u".into(),
+                password: Secret::new("p:with:colons")
+            }
+        );
+        assert!(matches!(
+            Credentials::from_fields("u", "p", &auth, "id", "reg").unwrap(),
+            Credentials::RegistryToken(_)
+        ));
+        assert!(matches!(
+            Credentials::from_fields("u", "p", "", "id", "").unwrap(),
+            Credentials::IdentityToken(_)
+        ));
+        assert_eq!(
+            Credentials::from_fields("", "", "", "", "").unwrap(),
+            Credentials::Anonymous
+        );
+        assert!(Credentials::from_fields("", "", "!!!", "", "").is_err());
+        assert_eq!(
+            Credentials::from_user_flag("a:b:c"),
+            Credentials::Basic {
+                username: "a".into(),
+                password: Secret::new("b:c")
+            }
+        );
+    }
+
+    #[test]
+    fn docker_config_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let auth = BASE64.encode("alice:secret");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"auths": {{"https://index.docker.io/v1/": {{"auth": "{auth}"}},
+                     "localhost:5000": {{"username": "bob", "password": "pw"}}}}}}"#
+            ),
+        )
+        .unwrap();
+        assert!(matches!(
+            docker_config_lookup(&path, "docker.io").unwrap(),
+            Credentials::Basic { username, .. } if username == "alice"
+        ));
+        assert!(matches!(
+            docker_config_lookup(&path, "localhost:5000").unwrap(),
+            Credentials::Basic { username, .. } if username == "bob"
+        ));
+        assert_eq!(
+            docker_config_lookup(&path, "quay.io").unwrap(),
+            Credentials::Anonymous
+        );
+        assert_eq!(
+            docker_config_lookup(&dir.path().join("absent.json"), "quay.io").unwrap(),
+            Credentials::Anonymous
+        );
+        std::fs::write(&path, "{not json").unwrap();
+        let err = docker_config_lookup(&path, "quay.io").unwrap_err();
+        assert!(err.to_string().contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn challenges() {
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.example/token",service="registry",scope="repository:a/b:pull,push""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.example/token".into(),
+                service: Some("registry".into()),
+                scope: Some("repository:a/b:pull,push".into()),
+            })
+        );
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(
+            parse_challenge("Bearer realm=https://x/t, service=svc"),
+            Some(Challenge::Bearer {
+                realm: "https://x/t".into(),
+                service: Some("svc".into()),
+                scope: None
+            })
+        );
+        assert_eq!(parse_challenge("Bearer service=x"), None);
+        assert_eq!(parse_challenge("Negotiate abc"), None);
+    }
+}

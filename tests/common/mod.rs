@@ -1,0 +1,280 @@
+//! Test harness: a real registry (Debian's `docker-registry`) on a free
+//! loopback port with its own storage, images the tests build and push
+//! themselves, and an HTTP fault proxy to stand between hoist and the registry.
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use hoist::descriptor::{Descriptor, Platform};
+use hoist::digest::Digest;
+use serde_json::json;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Registry {
+    pub addr: String,
+    pub storage: PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = dir.path().join("storage");
+        let port = free_port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry must be installed (apt-get install docker-registry)");
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "registry did not start on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry {
+            addr,
+            storage,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Where the registry keeps a blob's bytes, to damage them on purpose.
+    pub fn blob_data_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    pub async fn push_blob(&self, repo: &str, data: &[u8], media_type: &str) -> Descriptor {
+        let http = reqwest::Client::new();
+        let digest = Digest::of(data);
+        let start = http
+            .post(format!("http://{}/v2/{repo}/blobs/uploads/", self.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(start.status(), 202, "starting upload");
+        let location = start.headers()["location"].to_str().unwrap().to_string();
+        let url = if location.starts_with("http") {
+            location
+        } else {
+            format!("http://{}{location}", self.addr)
+        };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let done = http
+            .put(format!("{url}{sep}digest={digest}"))
+            .header("content-type", "application/octet-stream")
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(done.status(), 201, "finishing upload");
+        Descriptor::new(media_type, digest, data.len() as u64)
+    }
+
+    pub async fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Descriptor {
+        let r = reqwest::Client::new()
+            .put(format!(
+                "http://{}/v2/{repo}/manifests/{reference}",
+                self.addr
+            ))
+            .header("content-type", media_type)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            201,
+            "pushing manifest: {}",
+            r.text().await.unwrap_or_default()
+        );
+        Descriptor::new(media_type, Digest::of(body), body.len() as u64)
+    }
+}
+
+/// A gzip-compressed tar with the given files.
+pub fn gzip_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        tar.append_data(&mut h, path, *data).unwrap();
+    }
+    let raw = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&raw).unwrap();
+    gz.finish().unwrap()
+}
+
+pub struct Pushed {
+    pub manifest: Descriptor,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+}
+
+/// Pushes config + layers + manifest (OCI or Docker media types).
+pub async fn push_image(
+    reg: &Registry,
+    repo: &str,
+    tag: Option<&str>,
+    layers: &[Vec<u8>],
+    platform: (&str, &str),
+    docker: bool,
+) -> Pushed {
+    let (manifest_mt, config_mt, layer_mt) = if docker {
+        (
+            hoist::images::DOCKER_MANIFEST,
+            hoist::images::DOCKER_CONFIG,
+            hoist::images::DOCKER_LAYER_GZIP,
+        )
+    } else {
+        (
+            hoist::images::OCI_MANIFEST,
+            hoist::images::OCI_CONFIG,
+            hoist::images::OCI_LAYER_GZIP,
+        )
+    };
+    let mut pushed_layers = Vec::new();
+    for l in layers {
+        pushed_layers.push(reg.push_blob(repo, l, layer_mt).await);
+    }
+    let config = json!({
+        "architecture": platform.1, "os": platform.0,
+        "config": {"User": "1002"},
+        "rootfs": {"type": "layers", "diff_ids": pushed_layers.iter().map(|l| l.digest.to_string()).collect::<Vec<_>>()},
+    });
+    let config = reg
+        .push_blob(repo, config.to_string().as_bytes(), config_mt)
+        .await;
+    let manifest = json!({
+        "schemaVersion": 2, "mediaType": manifest_mt,
+        "config": config, "layers": pushed_layers,
+    });
+    let body = manifest.to_string();
+    let digest = Digest::of(body.as_bytes()).to_string();
+    let manifest = reg
+        .push_manifest(repo, tag.unwrap_or(&digest), manifest_mt, body.as_bytes())
+        .await;
+    Pushed {
+        manifest,
+        config,
+        layers: pushed_layers,
+    }
+}
+
+/// Pushes an index over `manifests` plus an attestation manifest.
+pub async fn push_index(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+    manifests: &[(&Pushed, (&str, &str))],
+) -> Descriptor {
+    let mut entries: Vec<Descriptor> = manifests
+        .iter()
+        .map(|(p, (os, arch))| {
+            let mut d = p.manifest.clone();
+            d.platform = Some(Platform {
+                architecture: arch.to_string(),
+                os: os.to_string(),
+                os_version: None,
+                os_features: Vec::new(),
+                variant: None,
+            });
+            d
+        })
+        .collect();
+    let att = push_image(
+        reg,
+        repo,
+        None,
+        &[b"{\"provenance\":true}".to_vec()],
+        ("unknown", "unknown"),
+        false,
+    )
+    .await;
+    let mut att_desc = att.manifest.clone();
+    att_desc.platform = Some(Platform {
+        architecture: "unknown".into(),
+        os: "unknown".into(),
+        os_version: None,
+        os_features: Vec::new(),
+        variant: None,
+    });
+    att_desc.annotations.insert(
+        "vnd.docker.reference.type".into(),
+        "attestation-manifest".into(),
+    );
+    entries.push(att_desc);
+    let index =
+        json!({"schemaVersion": 2, "mediaType": hoist::images::OCI_INDEX, "manifests": entries});
+    reg.push_manifest(
+        repo,
+        tag,
+        hoist::images::OCI_INDEX,
+        index.to_string().as_bytes(),
+    )
+    .await
+}
+
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    }
+}
+
+pub fn other_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "amd64",
+        _ => "arm64",
+    }
+}

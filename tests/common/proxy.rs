@@ -1,0 +1,188 @@
+//! An HTTP/1.1 fault proxy: forwards GETs to the registry and injects one
+//! fault per request as the test asks, recording every request it sees.
+
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Send half of a blob body, then drop the connection.
+    DropMidBlob,
+    /// Answer 500.
+    ServerError,
+    /// Answer 429 with `Retry-After: 1`.
+    TooManyRequests,
+    /// Ignore `Range` and send the whole blob with 200.
+    IgnoreRange,
+    /// Send a blob body one byte per second.
+    Trickle,
+}
+
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub range: Option<String>,
+}
+
+pub struct Proxy {
+    pub addr: String,
+    /// Faults to apply, in order, to the next blob requests.
+    pub faults: Arc<Mutex<Vec<Fault>>>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Only blob paths containing this get faults (all blobs when unset).
+    only: Arc<Mutex<Option<String>>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let faults: Arc<Mutex<Vec<Fault>>> = Arc::default();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let only: Arc<Mutex<Option<String>>> = Arc::default();
+        let (f, s, o) = (faults.clone(), seen.clone(), only.clone());
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(serve(
+                    conn,
+                    upstream.clone(),
+                    f.clone(),
+                    s.clone(),
+                    o.clone(),
+                ));
+            }
+        });
+        Proxy {
+            addr,
+            faults,
+            seen,
+            only,
+        }
+    }
+
+    /// Aims the faults at one blob.
+    pub fn target(&self, digest: &hoist::digest::Digest) {
+        *self.only.lock() = Some(digest.to_string());
+    }
+
+    pub fn blob_requests(&self, digest: &hoist::digest::Digest) -> Vec<Seen> {
+        let needle = format!("/blobs/{digest}");
+        self.seen
+            .lock()
+            .iter()
+            .filter(|s| s.path.contains(&needle))
+            .cloned()
+            .collect()
+    }
+}
+
+async fn serve(
+    mut conn: TcpStream,
+    upstream: String,
+    faults: Arc<Mutex<Vec<Fault>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    only: Arc<Mutex<Option<String>>>,
+) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let mut lines = head.lines();
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or("GET").to_string();
+    let path = parts.next().unwrap_or("/").to_string();
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_lowercase(), v.trim().to_string()));
+        }
+    }
+    let range = headers
+        .iter()
+        .find(|(k, _)| k == "range")
+        .map(|(_, v)| v.clone());
+    seen.lock().push(Seen {
+        path: path.clone(),
+        range: range.clone(),
+    });
+    let is_blob = path.contains("/blobs/")
+        && only
+            .lock()
+            .as_ref()
+            .is_none_or(|d| path.contains(d.as_str()));
+    let fault = if is_blob { faults.lock().pop() } else { None };
+    match fault {
+        Some(Fault::ServerError) => {
+            let _ = conn.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+            return;
+        }
+        Some(Fault::TooManyRequests) => {
+            let _ = conn
+                .write_all(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await;
+            return;
+        }
+        _ => {}
+    }
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::limited(5))
+        .build()
+        .unwrap();
+    let mut req = http.request(
+        method.parse().unwrap_or(reqwest::Method::GET),
+        format!("http://{upstream}{path}"),
+    );
+    for (k, v) in &headers {
+        if k == "host" || k == "connection" || (k == "range" && fault == Some(Fault::IgnoreRange)) {
+            continue;
+        }
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let Ok(resp) = req.send().await else { return };
+    let status = resp.status();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    for (k, v) in resp.headers() {
+        if k == "connection" || k == "transfer-encoding" || k == "content-length" {
+            continue;
+        }
+        out.push_str(&format!("{k}: {}\r\n", v.to_str().unwrap_or("")));
+    }
+    let body = resp.bytes().await.unwrap_or_default();
+    out.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
+    if conn.write_all(out.as_bytes()).await.is_err() {
+        return;
+    }
+    match fault {
+        Some(Fault::DropMidBlob) => {
+            let _ = conn.write_all(&body[..body.len() / 2]).await;
+            let _ = conn.flush().await;
+        }
+        Some(Fault::Trickle) => {
+            for b in body.iter() {
+                if conn.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        _ => {
+            let _ = conn.write_all(&body).await;
+        }
+    }
+}

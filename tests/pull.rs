@@ -1,0 +1,587 @@
+//! Fetch from a real registry: references, platforms, GC labels, shared
+//! blobs, resume with Range, faults between hoist and the registry, damaged
+//! blobs, and the `hoist` command line.
+
+mod common;
+
+use common::proxy::{Fault, Proxy};
+use common::*;
+use hoist::content::Store;
+use hoist::filters::Filter;
+use hoist::metadata::Db;
+use hoist::pull::progress::{Progress, State};
+use hoist::pull::{PullOptions, Puller};
+use hoist::remote::{RegistryClient, RemoteOptions};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+const NS: &str = "default";
+
+fn puller(root: &std::path::Path, timeout: Duration) -> Arc<Puller> {
+    let db = Db::open(root).unwrap();
+    let remote = RemoteOptions {
+        progress_timeout: timeout,
+        attempts: 4,
+        ..Default::default()
+    };
+    Puller::new(db, RegistryClient::new(remote), 3)
+}
+
+/// A gzip layer of `size` pseudo-random (so barely compressible) bytes.
+fn layer(seed: u8, size: usize) -> Vec<u8> {
+    let mut x = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let data: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    gzip_layer(&[("data.bin", &data)])
+}
+
+fn digests_in(db: &Arc<Db>) -> Vec<String> {
+    let mut out = Vec::new();
+    db.content_store(NS)
+        .walk(&Filter::default(), &mut |i| {
+            out.push(i.digest.to_string());
+            Ok(())
+        })
+        .unwrap();
+    out.sort();
+    out
+}
+
+/// After a failed pull and GC, nothing of it remains.
+fn assert_no_trace(db: &Arc<Db>) {
+    db.garbage_collect(&[]).unwrap();
+    assert!(digests_in(db).is_empty(), "{:?}", digests_in(db));
+    assert!(db.local_content().blobs().unwrap().is_empty());
+    assert!(db.local_content().ingests().unwrap().is_empty());
+    assert!(db.leases(NS).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn multi_platform_index_by_tag_digest_and_untagged() {
+    let reg = Registry::start();
+    let host = push_image(
+        &reg,
+        "multi/app",
+        None,
+        &[layer(1, 3000), layer(2, 5000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let other = push_image(
+        &reg,
+        "multi/app",
+        None,
+        &[layer(3, 4000)],
+        ("linux", other_arch()),
+        true,
+    )
+    .await;
+    let index = push_index(
+        &reg,
+        "multi/app",
+        "v1",
+        &[
+            (&host, ("linux", host_arch())),
+            (&other, ("linux", other_arch())),
+        ],
+    )
+    .await;
+    push_index(
+        &reg,
+        "multi/app",
+        "latest",
+        &[(&host, ("linux", host_arch()))],
+    )
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_secs(30));
+    let progress = Progress::default();
+    let r = format!("{}/multi/app:v1", reg.addr);
+    let pulled = p
+        .pull(NS, &r, &PullOptions::default(), &progress)
+        .await
+        .unwrap();
+    assert_eq!(pulled.target.digest, index.digest);
+    assert_eq!(pulled.name, format!("{}/multi/app:v1", reg.addr));
+    assert_eq!(pulled.manifests.len(), 1);
+    assert_eq!(pulled.manifests[0].manifest.digest, host.manifest.digest);
+    let db = p.db();
+    let mut want: Vec<String> = [
+        &index,
+        &host.manifest,
+        &host.config,
+        &host.layers[0],
+        &host.layers[1],
+    ]
+    .iter()
+    .map(|d| d.digest.to_string())
+    .collect();
+    want.sort();
+    assert_eq!(digests_in(db), want, "only this platform, no attestation");
+
+    // GC labels as containerd writes them.
+    let store = db.content_store(NS);
+    let idx = store.info(&index.digest).unwrap().labels;
+    assert_eq!(
+        idx["containerd.io/gc.ref.content.m.0"],
+        host.manifest.digest.to_string()
+    );
+    assert_eq!(
+        idx[&format!("containerd.io/distribution.source.{}", reg.addr)],
+        "multi/app"
+    );
+    let m = store.info(&host.manifest.digest).unwrap().labels;
+    assert_eq!(
+        m["containerd.io/gc.ref.content.config"],
+        host.config.digest.to_string()
+    );
+    assert_eq!(
+        m["containerd.io/gc.ref.content.l.0"],
+        host.layers[0].digest.to_string()
+    );
+    assert_eq!(
+        m["containerd.io/gc.ref.content.l.1"],
+        host.layers[1].digest.to_string()
+    );
+    let l = store.info(&host.layers[1].digest).unwrap().labels;
+    assert_eq!(
+        l[&format!("containerd.io/distribution.source.{}", reg.addr)],
+        "multi/app"
+    );
+    assert!(
+        db.leases(NS).unwrap().is_empty(),
+        "the pull lease is released"
+    );
+
+    // Every platform, then by digest, then untagged (latest).
+    let all = PullOptions {
+        all_platforms: true,
+        ..Default::default()
+    };
+    let pulled = p.pull(NS, &r, &all, &progress).await.unwrap();
+    assert_eq!(pulled.manifests.len(), 2);
+    assert!(store.info(&other.layers[0].digest).is_ok());
+    let by_digest = format!("{}/multi/app@{}", reg.addr, index.digest);
+    let pulled = p
+        .pull(NS, &by_digest, &PullOptions::default(), &progress)
+        .await
+        .unwrap();
+    assert_eq!(pulled.name, by_digest);
+    let pulled = p
+        .pull(
+            NS,
+            &format!("{}/multi/app", reg.addr),
+            &PullOptions::default(),
+            &progress,
+        )
+        .await
+        .unwrap();
+    assert_eq!(pulled.name, format!("{}/multi/app:latest", reg.addr));
+    let platform = hoist::images::platform::parse(&format!("linux/{}", other_arch())).unwrap();
+    let only_other = PullOptions {
+        platforms: vec![platform],
+        ..Default::default()
+    };
+    let pulled = p.pull(NS, &r, &only_other, &progress).await.unwrap();
+    assert_eq!(pulled.manifests[0].manifest.digest, other.manifest.digest);
+    let missing = hoist::images::platform::parse("linux/s390x").unwrap();
+    let err = p
+        .pull(
+            NS,
+            &r,
+            &PullOptions {
+                platforms: vec![missing],
+                ..Default::default()
+            },
+            &progress,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("linux/s390x"), "{err}");
+
+    // Removing every name lets GC take everything.
+    for image in db.list_images(NS, &Filter::default()).unwrap() {
+        db.delete_image(NS, &image.name).unwrap();
+    }
+    assert_no_trace(db);
+}
+
+#[tokio::test]
+async fn a_blob_shared_by_two_images_is_fetched_once() {
+    let reg = Registry::start();
+    let proxy = Proxy::start(reg.addr.clone()).await;
+    let shared = layer(7, 20_000);
+    let a = push_image(
+        &reg,
+        "shared/a",
+        Some("1"),
+        &[shared.clone(), layer(8, 100)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    push_image(
+        &reg,
+        "shared/b",
+        Some("1"),
+        &[shared, layer(9, 100)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_secs(30));
+    let (pa, pb) = (Progress::default(), Progress::default());
+    let (ra, rb) = (
+        format!("{}/shared/a:1", proxy.addr),
+        format!("{}/shared/b:1", proxy.addr),
+    );
+    let opts = PullOptions::default();
+    let (x, y) = tokio::join!(p.pull(NS, &ra, &opts, &pa), p.pull(NS, &rb, &opts, &pb));
+    x.unwrap();
+    y.unwrap();
+    assert_eq!(proxy.blob_requests(&a.layers[0].digest).len(), 1);
+    let states: Vec<State> = [&pa, &pb]
+        .iter()
+        .filter_map(|p| {
+            p.snapshot()
+                .into_iter()
+                .find(|e| e.key == format!("layer-{}", a.layers[0].digest))
+                .map(|e| e.state)
+        })
+        .collect();
+    assert!(
+        states.contains(&State::Exists) && states.contains(&State::Done),
+        "{states:?}"
+    );
+}
+
+#[tokio::test]
+async fn interrupted_blob_resumes_with_range() {
+    let reg = Registry::start();
+    let proxy = Proxy::start(reg.addr.clone()).await;
+    let img = push_image(
+        &reg,
+        "resume/app",
+        Some("1"),
+        &[layer(5, 200_000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_secs(30));
+    proxy.target(&img.layers[0].digest);
+    proxy.faults.lock().push(Fault::DropMidBlob);
+    let r = format!("{}/resume/app:1", proxy.addr);
+    p.pull(NS, &r, &PullOptions::default(), &Progress::default())
+        .await
+        .unwrap();
+    let reqs = proxy.blob_requests(&img.layers[0].digest);
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[0].range, None);
+    let half = img.layers[0].size / 2;
+    assert_eq!(
+        reqs[1].range.as_deref(),
+        Some(format!("bytes={half}-").as_str())
+    );
+    assert!(p.db().content_store(NS).info(&img.layers[0].digest).is_ok());
+}
+
+#[tokio::test]
+async fn resumes_an_ingest_left_by_an_earlier_process() {
+    let reg = Registry::start();
+    let proxy = Proxy::start(reg.addr.clone()).await;
+    let data = layer(6, 100_000);
+    let img = push_image(
+        &reg,
+        "resume/old",
+        Some("1"),
+        std::slice::from_ref(&data),
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // An earlier pull wrote a third of the layer, then died.
+        let db = Db::open(dir.path()).unwrap();
+        let key = format!("layer-{}", img.layers[0].digest);
+        let mut w = db
+            .content_store(NS)
+            .writer(&key, Some(&img.layers[0]))
+            .unwrap();
+        w.write_all(&data[..30_000]).unwrap();
+    }
+    let p = puller(dir.path(), Duration::from_secs(30));
+    p.pull(
+        NS,
+        &format!("{}/resume/old:1", proxy.addr),
+        &PullOptions::default(),
+        &Progress::default(),
+    )
+    .await
+    .unwrap();
+    let reqs = proxy.blob_requests(&img.layers[0].digest);
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].range.as_deref(), Some("bytes=30000-"));
+}
+
+#[tokio::test]
+async fn faults_are_retried_until_the_blob_arrives() {
+    let reg = Registry::start();
+    let proxy = Proxy::start(reg.addr.clone()).await;
+    let img = push_image(
+        &reg,
+        "faults/app",
+        Some("1"),
+        &[layer(4, 50_000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    proxy.target(&img.layers[0].digest);
+    // A 500, a 429 with Retry-After, a connection dropped mid-blob, and a
+    // resume whose Range is ignored (200 with the whole blob). Faults pop
+    // from the end.
+    proxy.faults.lock().extend([
+        Fault::IgnoreRange,
+        Fault::DropMidBlob,
+        Fault::TooManyRequests,
+        Fault::ServerError,
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_secs(30));
+    p.pull(
+        NS,
+        &format!("{}/faults/app:1", proxy.addr),
+        &PullOptions::default(),
+        &Progress::default(),
+    )
+    .await
+    .unwrap();
+    let store = p.db().content_store(NS);
+    let mut blob = store.reader_at(&img.layers[0].digest).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut blob, &mut got).unwrap();
+    assert_eq!(hoist::digest::Digest::of(&got), img.layers[0].digest);
+    assert!(proxy.faults.lock().is_empty(), "every fault was hit");
+    let reqs = proxy.blob_requests(&img.layers[0].digest);
+    assert_eq!(reqs.len(), 4, "{reqs:?}");
+    assert!(
+        reqs[3].range.is_some(),
+        "the resume asked for a range: {reqs:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_trickle_trips_the_progress_timeout_and_leaves_no_trace() {
+    let reg = Registry::start();
+    let proxy = Proxy::start(reg.addr.clone()).await;
+    push_image(
+        &reg,
+        "slow/app",
+        Some("1"),
+        &[layer(3, 10_000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    proxy.faults.lock().extend([Fault::Trickle, Fault::Trickle]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_millis(400));
+    let err = p
+        .pull(
+            NS,
+            &format!("{}/slow/app:1", proxy.addr),
+            &PullOptions::default(),
+            &Progress::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no progress"), "{err}");
+    assert_no_trace(p.db());
+}
+
+#[tokio::test]
+async fn damaged_or_missing_blobs_fail_naming_the_digest() {
+    let reg = Registry::start();
+    let wrong = push_image(
+        &reg,
+        "bad/wrong",
+        Some("1"),
+        &[layer(11, 5000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let short = push_image(
+        &reg,
+        "bad/short",
+        Some("1"),
+        &[layer(12, 5000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let missing = push_image(
+        &reg,
+        "bad/missing",
+        Some("1"),
+        &[layer(13, 5000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    // Same length, other bytes.
+    let path = reg.blob_data_path(&wrong.layers[0].digest);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let path = reg.blob_data_path(&short.layers[0].digest);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    std::fs::remove_file(reg.blob_data_path(&missing.layers[0].digest)).unwrap();
+
+    for (repo, digest) in [
+        ("bad/wrong", &wrong.layers[0].digest),
+        ("bad/short", &short.layers[0].digest),
+        ("bad/missing", &missing.layers[0].digest),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = puller(dir.path(), Duration::from_secs(10));
+        let err = p
+            .pull(
+                NS,
+                &format!("{}/{repo}:1", reg.addr),
+                &PullOptions::default(),
+                &Progress::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains(&digest.to_string()),
+            "{repo}: {err}"
+        );
+        assert!(
+            p.db()
+                .list_images(NS, &Filter::default())
+                .unwrap()
+                .is_empty()
+        );
+        assert_no_trace(p.db());
+    }
+}
+
+#[tokio::test]
+async fn unknown_references_and_media_types_are_named() {
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_secs(10));
+    let err = p
+        .pull(
+            NS,
+            &format!("{}/nothing/here:1", reg.addr),
+            &PullOptions::default(),
+            &Progress::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            hoist::pull::Error::Remote(hoist::remote::Error::NotFound { .. })
+        ),
+        "{err}"
+    );
+    let err = p
+        .pull(
+            NS,
+            "docker.io/Library/case",
+            &PullOptions::default(),
+            &Progress::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, hoist::pull::Error::Reference(_)), "{err}");
+    // A manifest whose layer has a media type hoist does not know.
+    let blob = reg
+        .push_blob("odd/app", b"weird", "application/x-weird")
+        .await;
+    let config = reg
+        .push_blob("odd/app", b"{}", hoist::images::OCI_CONFIG)
+        .await;
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": hoist::images::OCI_MANIFEST, "config": config, "layers": [blob]});
+    reg.push_manifest(
+        "odd/app",
+        "1",
+        hoist::images::OCI_MANIFEST,
+        manifest.to_string().as_bytes(),
+    )
+    .await;
+    let err = p
+        .pull(
+            NS,
+            &format!("{}/odd/app:1", reg.addr),
+            &PullOptions::default(),
+            &Progress::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("application/x-weird"), "{err}");
+    assert_no_trace(p.db());
+}
+
+#[tokio::test]
+async fn command_line_pull_images_rmi() {
+    let reg = Registry::start();
+    let img = push_image(
+        &reg,
+        "cli/app",
+        Some("2"),
+        &[layer(21, 1000)],
+        ("linux", host_arch()),
+        true,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let hoist = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hoist"))
+            .arg("--root")
+            .arg(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "hoist {args:?}: {text}");
+        text
+    };
+    let r = format!("{}/cli/app:2", reg.addr);
+    let out = hoist(&["pull", "--hosts-dir", "/nonexistent", &r]);
+    assert!(
+        out.contains(&format!("layer-{}: done", img.layers[0].digest)),
+        "{out}"
+    );
+    assert!(out.contains(&img.manifest.digest.to_string()), "{out}");
+    let out = hoist(&["images"]);
+    assert!(
+        out.contains(&r) && out.contains(&img.manifest.digest.to_string()),
+        "{out}"
+    );
+    let out = hoist(&["content", "ls", "-q"]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    hoist(&["rmi", &r]);
+    assert!(hoist(&["content", "ls", "-q"]).trim().is_empty());
+    assert!(hoist(&["images", "-q"]).trim().is_empty());
+}
