@@ -585,3 +585,133 @@ async fn command_line_pull_images_rmi() {
     assert!(hoist(&["content", "ls", "-q"]).trim().is_empty());
     assert!(hoist(&["images", "-q"]).trim().is_empty());
 }
+
+#[tokio::test]
+async fn basic_auth_with_the_registrys_htpasswd() {
+    let reg =
+        Registry::start_with_auth(Some(("alice", "s3cret"))).with_push_auth("alice", "s3cret");
+    push_image(
+        &reg,
+        "private/app",
+        Some("1"),
+        &[layer(31, 1000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let r = format!("{}/private/app:1", reg.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_secs(10));
+    let err = p
+        .pull(NS, &r, &PullOptions::default(), &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            hoist::pull::Error::Remote(hoist::remote::Error::Denied { .. })
+        ),
+        "{err}"
+    );
+    let wrong = PullOptions {
+        credentials: Some(hoist::remote::Credentials::from_user_flag("alice:nope")),
+        ..Default::default()
+    };
+    let err = p
+        .pull(NS, &r, &wrong, &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        !format!("{err} {err:?}").contains("nope"),
+        "no secret in errors: {err:?}"
+    );
+    let right = PullOptions {
+        credentials: Some(hoist::remote::Credentials::from_user_flag("alice:s3cret")),
+        ..Default::default()
+    };
+    p.pull(NS, &r, &right, &Progress::default()).await.unwrap();
+}
+
+#[tokio::test]
+async fn bearer_token_challenge_with_a_cached_token() {
+    let reg = Registry::start();
+    let proxy = Proxy::start(reg.addr.clone()).await;
+    push_image(
+        &reg,
+        "tok/app",
+        Some("1"),
+        &[layer(41, 1000), layer(42, 1000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    proxy.require_bearer("bob", "pw");
+    let r = format!("{}/tok/app:1", proxy.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_secs(10));
+    let err = p
+        .pull(NS, &r, &PullOptions::default(), &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("denied"), "{err}");
+    let creds = PullOptions {
+        credentials: Some(hoist::remote::Credentials::from_user_flag("bob:pw")),
+        ..Default::default()
+    };
+    let before = proxy.token_requests();
+    p.pull(NS, &r, &creds, &Progress::default()).await.unwrap();
+    // One token serves the manifest, the config and both layers.
+    assert_eq!(proxy.token_requests() - before, 1);
+}
+
+#[tokio::test]
+async fn gzip_zstd_and_uncompressed_layers_are_fetched() {
+    let reg = Registry::start();
+    let mut layers = Vec::new();
+    for (i, mt) in [
+        hoist::images::OCI_LAYER_GZIP,
+        hoist::images::OCI_LAYER_ZSTD,
+        hoist::images::OCI_LAYER,
+    ]
+    .iter()
+    .enumerate()
+    {
+        layers.push(
+            reg.push_blob("mixed/app", &layer(50 + i as u8, 2000), mt)
+                .await,
+        );
+    }
+    let config = reg
+        .push_blob(
+            "mixed/app",
+            b"{\"os\":\"linux\"}",
+            hoist::images::OCI_CONFIG,
+        )
+        .await;
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": hoist::images::OCI_MANIFEST, "config": config, "layers": layers});
+    reg.push_manifest(
+        "mixed/app",
+        "1",
+        hoist::images::OCI_MANIFEST,
+        manifest.to_string().as_bytes(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_secs(10));
+    let pulled = p
+        .pull(
+            NS,
+            &format!("{}/mixed/app:1", reg.addr),
+            &PullOptions::default(),
+            &Progress::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(pulled.manifests[0].layers.len(), 3);
+    for l in &layers {
+        assert_eq!(
+            p.db().content_store(NS).info(&l.digest).unwrap().size,
+            l.size
+        );
+    }
+}

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 pub struct Registry {
     pub addr: String,
     pub storage: PathBuf,
+    auth: Option<(String, String)>,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -38,18 +39,30 @@ pub fn free_port() -> u16 {
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_with_auth(None)
+    }
+
+    /// With `Some((user, password))`, the registry demands basic auth
+    /// through its own htpasswd configuration.
+    pub fn start_with_auth(basic: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let storage = dir.path().join("storage");
         let port = free_port();
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                storage.display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        );
+        if let Some((user, password)) = basic {
+            let htpasswd = dir.path().join("htpasswd");
+            let hash = bcrypt::hash(password, 4).unwrap();
+            std::fs::write(&htpasswd, format!("{user}:{hash}\n")).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: hoist-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, yaml).unwrap();
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -69,6 +82,7 @@ impl Registry {
         Registry {
             addr,
             storage,
+            auth: None,
             child,
             _dir: dir,
         }
@@ -84,8 +98,27 @@ impl Registry {
             .join("data")
     }
 
+    /// Credentials the push helpers use against an htpasswd registry.
+    pub fn with_push_auth(mut self, user: &str, password: &str) -> Self {
+        self.auth = Some((user.to_string(), password.to_string()));
+        self
+    }
+
+    fn http(&self) -> reqwest::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some((u, p)) = &self.auth {
+            use base64::Engine;
+            let v = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            headers.insert("authorization", format!("Basic {v}").parse().unwrap());
+        }
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap()
+    }
+
     pub async fn push_blob(&self, repo: &str, data: &[u8], media_type: &str) -> Descriptor {
-        let http = reqwest::Client::new();
+        let http = self.http();
         let digest = Digest::of(data);
         let start = http
             .post(format!("http://{}/v2/{repo}/blobs/uploads/", self.addr))
@@ -118,7 +151,8 @@ impl Registry {
         media_type: &str,
         body: &[u8],
     ) -> Descriptor {
-        let r = reqwest::Client::new()
+        let r = self
+            .http()
             .put(format!(
                 "http://{}/v2/{repo}/manifests/{reference}",
                 self.addr

@@ -34,7 +34,12 @@ pub struct Proxy {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Only blob paths containing this get faults (all blobs when unset).
     only: Arc<Mutex<Option<String>>>,
+    /// When set, the proxy is a bearer-token registry front: `/token` hands
+    /// out a token for these basic credentials, everything else needs it.
+    bearer: Arc<Mutex<Option<(String, String)>>>,
 }
+
+pub const TOKEN: &str = "t0k3n-for-tests";
 
 impl Proxy {
     pub async fn start(upstream: String) -> Proxy {
@@ -43,16 +48,20 @@ impl Proxy {
         let faults: Arc<Mutex<Vec<Fault>>> = Arc::default();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let only: Arc<Mutex<Option<String>>> = Arc::default();
-        let (f, s, o) = (faults.clone(), seen.clone(), only.clone());
+        let bearer: Arc<Mutex<Option<(String, String)>>> = Arc::default();
+        let (f, s, o, b) = (faults.clone(), seen.clone(), only.clone(), bearer.clone());
+        let me = addr.clone();
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(serve(
-                    conn,
-                    upstream.clone(),
-                    f.clone(),
-                    s.clone(),
-                    o.clone(),
-                ));
+                let ctx = Ctx {
+                    upstream: upstream.clone(),
+                    me: me.clone(),
+                    faults: f.clone(),
+                    seen: s.clone(),
+                    only: o.clone(),
+                    bearer: b.clone(),
+                };
+                tokio::spawn(serve(conn, ctx));
             }
         });
         Proxy {
@@ -60,7 +69,20 @@ impl Proxy {
             faults,
             seen,
             only,
+            bearer,
         }
+    }
+
+    pub fn require_bearer(&self, user: &str, password: &str) {
+        *self.bearer.lock() = Some((user.to_string(), password.to_string()));
+    }
+
+    pub fn token_requests(&self) -> usize {
+        self.seen
+            .lock()
+            .iter()
+            .filter(|s| s.path.starts_with("/token"))
+            .count()
     }
 
     /// Aims the faults at one blob.
@@ -79,13 +101,32 @@ impl Proxy {
     }
 }
 
-async fn serve(
-    mut conn: TcpStream,
+struct Ctx {
     upstream: String,
+    me: String,
     faults: Arc<Mutex<Vec<Fault>>>,
     seen: Arc<Mutex<Vec<Seen>>>,
     only: Arc<Mutex<Option<String>>>,
-) {
+    bearer: Arc<Mutex<Option<(String, String)>>>,
+}
+
+async fn reply(conn: &mut TcpStream, status: &str, extra: &str, body: &str) {
+    let msg = format!(
+        "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(msg.as_bytes()).await;
+}
+
+async fn serve(mut conn: TcpStream, ctx: Ctx) {
+    let Ctx {
+        upstream,
+        me,
+        faults,
+        seen,
+        only,
+        bearer,
+    } = ctx;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -114,6 +155,47 @@ async fn serve(
         path: path.clone(),
         range: range.clone(),
     });
+    let bearer = bearer.lock().clone();
+    if let Some((user, password)) = bearer {
+        let auth = headers
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .map(|(_, v)| v.clone());
+        if path.starts_with("/token") {
+            use base64::Engine;
+            let want = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            );
+            if auth.as_deref() == Some(want.as_str()) && path.contains("scope=repository") {
+                let body = format!("{{\"token\":\"{TOKEN}\",\"expires_in\":300}}");
+                reply(
+                    &mut conn,
+                    "200 OK",
+                    "Content-Type: application/json\r\n",
+                    &body,
+                )
+                .await;
+            } else {
+                reply(&mut conn, "401 Unauthorized", "", "").await;
+            }
+            return;
+        }
+        if auth.as_deref() != Some(format!("Bearer {TOKEN}").as_str()) {
+            let repo = path
+                .trim_start_matches("/v2/")
+                .split("/manifests/")
+                .next()
+                .unwrap_or("");
+            let repo = repo.split("/blobs/").next().unwrap_or(repo);
+            let challenge = format!(
+                "WWW-Authenticate: Bearer realm=\"http://{me}/token\",service=\"hoist-test\",scope=\"repository:{repo}:pull\"\r\n"
+            );
+            reply(&mut conn, "401 Unauthorized", &challenge, "").await;
+            return;
+        }
+        headers.retain(|(k, _)| k != "authorization");
+    }
     let is_blob = path.contains("/blobs/")
         && only
             .lock()
