@@ -29,6 +29,12 @@ fn puller(root: &std::path::Path, timeout: Duration) -> Arc<Puller> {
 }
 
 /// A gzip layer of `size` pseudo-random (so barely compressible) bytes.
+/// Pulls with default options and no progress display.
+async fn pull(p: &Arc<Puller>, reference: &str) -> hoist::pull::Result<hoist::pull::Pulled> {
+    p.pull(NS, reference, &PullOptions::default(), &Progress::default())
+        .await
+}
+
 fn layer(seed: u8, size: usize) -> Vec<u8> {
     let mut x = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let data: Vec<u8> = (0..size)
@@ -283,9 +289,7 @@ async fn interrupted_blob_resumes_with_range() {
     proxy.target(&img.layers[0].digest);
     proxy.faults.lock().push(Fault::DropMidBlob);
     let r = format!("{}/resume/app:1", proxy.addr);
-    p.pull(NS, &r, &PullOptions::default(), &Progress::default())
-        .await
-        .unwrap();
+    pull(&p, &r).await.unwrap();
     let reqs = proxy.blob_requests(&img.layers[0].digest);
     assert_eq!(reqs.len(), 2, "{reqs:?}");
     assert_eq!(reqs[0].range, None);
@@ -323,14 +327,9 @@ async fn resumes_an_ingest_left_by_an_earlier_process() {
         w.write_all(&data[..30_000]).unwrap();
     }
     let p = puller(dir.path(), Duration::from_secs(30));
-    p.pull(
-        NS,
-        &format!("{}/resume/old:1", proxy.addr),
-        &PullOptions::default(),
-        &Progress::default(),
-    )
-    .await
-    .unwrap();
+    pull(&p, &format!("{}/resume/old:1", proxy.addr))
+        .await
+        .unwrap();
     let reqs = proxy.blob_requests(&img.layers[0].digest);
     assert_eq!(reqs.len(), 1);
     assert_eq!(reqs[0].range.as_deref(), Some("bytes=30000-"));
@@ -361,14 +360,9 @@ async fn faults_are_retried_until_the_blob_arrives() {
     ]);
     let dir = tempfile::tempdir().unwrap();
     let p = puller(dir.path(), Duration::from_secs(30));
-    p.pull(
-        NS,
-        &format!("{}/faults/app:1", proxy.addr),
-        &PullOptions::default(),
-        &Progress::default(),
-    )
-    .await
-    .unwrap();
+    pull(&p, &format!("{}/faults/app:1", proxy.addr))
+        .await
+        .unwrap();
     let store = p.db().content_store(NS);
     let mut blob = store.reader_at(&img.layers[0].digest).unwrap();
     let mut got = Vec::new();
@@ -399,13 +393,7 @@ async fn a_trickle_trips_the_progress_timeout_and_leaves_no_trace() {
     proxy.faults.lock().extend([Fault::Trickle, Fault::Trickle]);
     let dir = tempfile::tempdir().unwrap();
     let p = puller(dir.path(), Duration::from_millis(400));
-    let err = p
-        .pull(
-            NS,
-            &format!("{}/slow/app:1", proxy.addr),
-            &PullOptions::default(),
-            &Progress::default(),
-        )
+    let err = pull(&p, &format!("{}/slow/app:1", proxy.addr))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no progress"), "{err}");
@@ -460,13 +448,7 @@ async fn damaged_or_missing_blobs_fail_naming_the_digest() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let p = puller(dir.path(), Duration::from_secs(10));
-        let err = p
-            .pull(
-                NS,
-                &format!("{}/{repo}:1", reg.addr),
-                &PullOptions::default(),
-                &Progress::default(),
-            )
+        let err = pull(&p, &format!("{}/{repo}:1", reg.addr))
             .await
             .unwrap_err();
         assert!(
@@ -488,13 +470,7 @@ async fn unknown_references_and_media_types_are_named() {
     let reg = Registry::start();
     let dir = tempfile::tempdir().unwrap();
     let p = puller(dir.path(), Duration::from_secs(10));
-    let err = p
-        .pull(
-            NS,
-            &format!("{}/nothing/here:1", reg.addr),
-            &PullOptions::default(),
-            &Progress::default(),
-        )
+    let err = pull(&p, &format!("{}/nothing/here:1", reg.addr))
         .await
         .unwrap_err();
     assert!(
@@ -529,13 +505,7 @@ async fn unknown_references_and_media_types_are_named() {
         manifest.to_string().as_bytes(),
     )
     .await;
-    let err = p
-        .pull(
-            NS,
-            &format!("{}/odd/app:1", reg.addr),
-            &PullOptions::default(),
-            &Progress::default(),
-        )
+    let err = pull(&p, &format!("{}/odd/app:1", reg.addr))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("application/x-weird"), "{err}");
@@ -602,10 +572,7 @@ async fn basic_auth_with_the_registrys_htpasswd() {
     let r = format!("{}/private/app:1", reg.addr);
     let dir = tempfile::tempdir().unwrap();
     let p = puller(dir.path(), Duration::from_secs(10));
-    let err = p
-        .pull(NS, &r, &PullOptions::default(), &Progress::default())
-        .await
-        .unwrap_err();
+    let err = pull(&p, &r).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -649,10 +616,7 @@ async fn bearer_token_challenge_with_a_cached_token() {
     let r = format!("{}/tok/app:1", proxy.addr);
     let dir = tempfile::tempdir().unwrap();
     let p = puller(dir.path(), Duration::from_secs(10));
-    let err = p
-        .pull(NS, &r, &PullOptions::default(), &Progress::default())
-        .await
-        .unwrap_err();
+    let err = pull(&p, &r).await.unwrap_err();
     assert!(err.to_string().contains("denied"), "{err}");
     let creds = PullOptions {
         credentials: Some(hoist::remote::Credentials::from_user_flag("bob:pw")),
@@ -698,13 +662,7 @@ async fn gzip_zstd_and_uncompressed_layers_are_fetched() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let p = puller(dir.path(), Duration::from_secs(10));
-    let pulled = p
-        .pull(
-            NS,
-            &format!("{}/mixed/app:1", reg.addr),
-            &PullOptions::default(),
-            &Progress::default(),
-        )
+    let pulled = pull(&p, &format!("{}/mixed/app:1", reg.addr))
         .await
         .unwrap();
     assert_eq!(pulled.manifests[0].layers.len(), 3);
