@@ -36,6 +36,11 @@ pub trait SnapshotCollector: Send + Sync {
     fn snapshots(&self) -> Result<Vec<SnapshotNode>>;
     /// Removes one snapshot that has no children; returns the bytes freed.
     fn remove(&self, namespace: &str, key: &str) -> Result<u64>;
+    /// Removes what a crash left behind that no record describes; returns
+    /// the bytes freed.
+    fn sweep_leftovers(&self) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -286,6 +291,7 @@ impl Db {
                 }
                 doomed = rest;
             }
+            report.bytes_freed += collector.sweep_leftovers()?;
         }
 
         // Ingests no live lease holds, unless a writer has them open.

@@ -66,6 +66,31 @@ const MIGRATIONS: &[&str] = &[
         FOREIGN KEY (namespace, lease) REFERENCES leases (namespace, id) ON DELETE CASCADE
     ) WITHOUT ROWID;
     ",
+    // 2: snapshots. `id` names the directory on disk and never changes, so a
+    // commit (key -> name) renames nothing.
+    "
+    CREATE TABLE snapshots (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        snapshotter TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        key TEXT NOT NULL,
+        parent TEXT,
+        kind TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        size INTEGER NOT NULL DEFAULT 0,
+        inodes INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (snapshotter, namespace, key)
+    );
+    CREATE INDEX snapshots_by_parent ON snapshots (snapshotter, namespace, parent);
+    CREATE TABLE snapshot_labels (
+        namespace TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (namespace, owner, key)
+    ) WITHOUT ROWID;
+    ",
 ];
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {

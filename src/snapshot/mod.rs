@@ -1,0 +1,137 @@
+//! Snapshotters, with containerd's semantics: a committed snapshot is an
+//! immutable layer named by its chain ID; an active one is a writable tree on
+//! top of a committed parent; a view is a read-only one. Records live in
+//! SQLite ([`store::Snapshots`]); the trees on disk belong to a [`Backend`]:
+//! [`overlay`] stacks directories with overlayfs, [`native`] copies them.
+
+pub mod native;
+pub mod overlay;
+pub mod store;
+#[cfg(test)]
+pub mod testsuite;
+pub mod usage;
+
+use crate::filters::{Adaptor, Filter};
+use crate::metadata::Labels;
+use crate::mount::Mount;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+pub use store::{SnapshotRoot, Snapshots};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("snapshot {0:?} not found")]
+    NotFound(String),
+    #[error("snapshot {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Metadata(#[from] crate::metadata::Error),
+    #[error("snapshot database: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Mount(#[from] crate::mount::Error),
+}
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    View,
+    Active,
+    Committed,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::View => "View",
+            Kind::Active => "Active",
+            Kind::Committed => "Committed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "View" => Some(Kind::View),
+            "Active" => Some(Kind::Active),
+            "Committed" => Some(Kind::Committed),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Info {
+    pub kind: Kind,
+    /// The key of an active snapshot or view, the name of a committed one.
+    pub name: String,
+    pub parent: Option<String>,
+    pub labels: Labels,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+}
+
+impl Adaptor for Info {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path {
+            [f] if f == "name" => Some(self.name.clone()),
+            [f] if f == "kind" => Some(self.kind.as_str().to_string()),
+            [f] if f == "parent" => self.parent.clone(),
+            [f, key] if f == "labels" => self.labels.get(key).cloned(),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub size: u64,
+    pub inodes: u64,
+}
+
+pub trait Snapshotter: Send + Sync {
+    /// `overlayfs` or `native`: the name in GC labels and lease resources.
+    fn name(&self) -> &str;
+    fn stat(&self, key: &str) -> Result<Info>;
+    fn update(&self, info: Info, fieldpaths: &[&str]) -> Result<Info>;
+    fn usage(&self, key: &str) -> Result<Usage>;
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>>;
+    fn prepare(&self, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>>;
+    fn view(&self, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>>;
+    fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()>;
+    /// Fails with FailedPrecondition while the snapshot has children.
+    fn remove(&self, key: &str) -> Result<()>;
+    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()>;
+    /// The directory an applier writes a layer into for an active snapshot,
+    /// and the trees of its parents (newest first), if the backend has them.
+    fn apply_dirs(&self, key: &str) -> Result<(PathBuf, Vec<PathBuf>)>;
+}
+
+/// How a snapshotter keeps trees on disk: under `<root>/<id>/fs`.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Fills a new snapshot directory `dir` (not yet in place) for a snapshot
+    /// of `kind` over `parents` (their `fs` dirs, newest first).
+    fn create(&self, dir: &Path, parents: &[PathBuf], kind: Kind) -> Result<()>;
+    fn mounts(&self, dir: &Path, parents: &[PathBuf], kind: Kind) -> Vec<Mount>;
+    /// Whether an applier writing into `fs` must produce overlay whiteouts.
+    fn overlay_upper(&self) -> Option<bool> {
+        None
+    }
+}

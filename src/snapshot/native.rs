@@ -1,0 +1,248 @@
+//! The native backend: every snapshot is a full copy of its parent's tree
+//! (reflinked where the filesystem can), for hosts without overlayfs.
+
+use super::{Backend, Kind, Result, io_err};
+use crate::mount::Mount;
+use nix::sys::stat::{Mode, SFlag, mknod};
+use nix::sys::time::TimeSpec;
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+pub struct Native;
+
+impl Backend for Native {
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
+    fn create(&self, dir: &Path, parents: &[PathBuf], _kind: Kind) -> Result<()> {
+        let fs_dir = dir.join("fs");
+        match parents.first() {
+            Some(parent) => copy_tree(parent, &fs_dir),
+            None => {
+                fs::create_dir(&fs_dir).map_err(io_err(format!("creating {}", fs_dir.display())))
+            }
+        }
+    }
+
+    fn mounts(&self, dir: &Path, _parents: &[PathBuf], kind: Kind) -> Vec<Mount> {
+        let readonly = kind != Kind::Active;
+        vec![Mount {
+            fstype: "bind".into(),
+            source: dir.join("fs").display().to_string(),
+            options: vec!["rbind".into(), if readonly { "ro" } else { "rw" }.into()],
+        }]
+    }
+}
+
+/// Copies `src` to `dst` keeping types, owners, modes, xattrs, times,
+/// devices and hardlink groups.
+pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut dirs: Vec<(PathBuf, fs::Metadata)> = Vec::new();
+    copy_entry(src, dst, &mut links, &mut dirs)?;
+    // Directory times last, deepest first, once nothing more is written in them.
+    for (path, meta) in dirs.iter().rev() {
+        set_times(path, meta)?;
+    }
+    Ok(())
+}
+
+fn copy_entry(
+    src: &Path,
+    dst: &Path,
+    links: &mut HashMap<(u64, u64), PathBuf>,
+    dirs: &mut Vec<(PathBuf, fs::Metadata)>,
+) -> Result<()> {
+    let meta = fs::symlink_metadata(src).map_err(io_err(format!("stat {}", src.display())))?;
+    let ft = meta.file_type();
+    let ctx = |what: &str| format!("{what} {}", dst.display());
+    if ft.is_dir() {
+        fs::create_dir(dst).map_err(io_err(ctx("creating")))?;
+        for entry in fs::read_dir(src).map_err(io_err(format!("listing {}", src.display())))? {
+            let entry = entry.map_err(io_err(format!("listing {}", src.display())))?;
+            copy_entry(&entry.path(), &dst.join(entry.file_name()), links, dirs)?;
+        }
+        finish(src, dst, &meta)?;
+        dirs.push((dst.to_path_buf(), meta));
+        return Ok(());
+    }
+    if meta.nlink() > 1 && !ft.is_symlink() {
+        if let Some(first) = links.get(&(meta.dev(), meta.ino())) {
+            return fs::hard_link(first, dst).map_err(io_err(ctx("linking")));
+        }
+        links.insert((meta.dev(), meta.ino()), dst.to_path_buf());
+    }
+    if ft.is_symlink() {
+        let target =
+            fs::read_link(src).map_err(io_err(format!("reading link {}", src.display())))?;
+        std::os::unix::fs::symlink(&target, dst).map_err(io_err(ctx("creating symlink")))?;
+    } else if ft.is_file() {
+        copy_file(src, dst)?;
+    } else {
+        let kind = SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT);
+        mknod(
+            dst,
+            kind,
+            Mode::from_bits_truncate(meta.mode() & 0o7777),
+            meta.rdev(),
+        )
+        .map_err(|e| io_err(ctx("mknod"))(e.into()))?;
+    }
+    finish(src, dst, &meta)?;
+    if !ft.is_dir() {
+        set_times(dst, &meta)?;
+    }
+    Ok(())
+}
+
+/// A reflink when the filesystem has them, else a plain copy.
+fn copy_file(src: &Path, dst: &Path) -> Result<()> {
+    let from = fs::File::open(src).map_err(io_err(format!("opening {}", src.display())))?;
+    let to = fs::File::create(dst).map_err(io_err(format!("creating {}", dst.display())))?;
+    // SAFETY: FICLONE takes the source descriptor as its argument.
+    let cloned = unsafe {
+        use std::os::fd::AsRawFd;
+        libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) == 0
+    };
+    if !cloned {
+        let mut from = from;
+        let mut to = to;
+        std::io::copy(&mut from, &mut to).map_err(io_err(format!("copying {}", src.display())))?;
+    }
+    Ok(())
+}
+
+/// Owner, then mode (chown clears setuid), then xattrs.
+fn finish(src: &Path, dst: &Path, meta: &fs::Metadata) -> Result<()> {
+    let ctx = |what: &str| format!("{what} {}", dst.display());
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))
+            .map_err(io_err(ctx("chown")))?;
+    }
+    if !meta.file_type().is_symlink() {
+        fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(io_err(ctx("chmod")))?;
+    }
+    copy_xattrs(src, dst)
+}
+
+fn copy_xattrs(src: &Path, dst: &Path) -> Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+            io_err(format!("{}", p.display()))(std::io::ErrorKind::InvalidInput.into())
+        })
+    };
+    let (s, d) = (c(src)?, c(dst)?);
+    // SAFETY: plain llistxattr/lgetxattr/lsetxattr calls on owned buffers.
+    unsafe {
+        let n = libc::llistxattr(s.as_ptr(), std::ptr::null_mut(), 0);
+        if n <= 0 {
+            return Ok(());
+        }
+        let mut names = vec![0u8; n as usize];
+        let n = libc::llistxattr(s.as_ptr(), names.as_mut_ptr().cast(), names.len());
+        if n <= 0 {
+            return Ok(());
+        }
+        for name in names[..n as usize]
+            .split(|b| *b == 0)
+            .filter(|n| !n.is_empty())
+        {
+            let Ok(cname) = CString::new(name) else {
+                continue;
+            };
+            let size = libc::lgetxattr(s.as_ptr(), cname.as_ptr(), std::ptr::null_mut(), 0);
+            if size < 0 {
+                continue;
+            }
+            let mut value = vec![0u8; size as usize];
+            let size = libc::lgetxattr(
+                s.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            );
+            if size < 0 {
+                continue;
+            }
+            if libc::lsetxattr(
+                d.as_ptr(),
+                cname.as_ptr(),
+                value.as_ptr().cast(),
+                size as usize,
+                0,
+            ) != 0
+            {
+                let err = std::io::Error::last_os_error();
+                return Err(io_err(format!(
+                    "setting xattr {} on {}",
+                    String::from_utf8_lossy(name),
+                    dst.display()
+                ))(err));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_times(path: &Path, meta: &fs::Metadata) -> Result<()> {
+    let atime = TimeSpec::new(meta.atime(), meta.atime_nsec());
+    let mtime = TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &atime,
+        &mtime,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| io_err(format!("setting times on {}", path.display()))(e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    fn harness() -> Option<crate::snapshot::testsuite::Harness> {
+        let guard = tempfile::tempdir().ok()?;
+        let db = crate::metadata::Db::open(guard.path()).ok()?;
+        let root = crate::snapshot::SnapshotRoot::new(db.clone(), Box::new(super::Native)).ok()?;
+        Some(crate::snapshot::testsuite::Harness {
+            snapshots: root.namespace(crate::metadata::NAMESPACE_DEFAULT),
+            db,
+            guard,
+        })
+    }
+
+    mod conformance {
+        use super::harness;
+        crate::snapshotter_conformance!(harness);
+    }
+
+    #[test]
+    fn copy_keeps_links_modes_and_owners() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("d/f"), "data").unwrap();
+        std::fs::hard_link(src.join("d/f"), src.join("link")).unwrap();
+        std::os::unix::fs::symlink("d/f", src.join("sym")).unwrap();
+        std::fs::set_permissions(src.join("d/f"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+        super::copy_tree(&src, &dir.path().join("dst")).unwrap();
+        let dst = dir.path().join("dst");
+        let f = std::fs::metadata(dst.join("d/f")).unwrap();
+        assert_eq!(f.mode() & 0o7777, 0o4755);
+        assert_eq!(f.ino(), std::fs::metadata(dst.join("link")).unwrap().ino());
+        assert_eq!(
+            std::fs::read_link(dst.join("sym")).unwrap().to_str(),
+            Some("d/f")
+        );
+        assert_eq!(
+            std::fs::metadata(src.join("d")).unwrap().mtime(),
+            std::fs::metadata(dst.join("d")).unwrap().mtime()
+        );
+    }
+}

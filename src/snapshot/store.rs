@@ -1,0 +1,478 @@
+//! Snapshot records in SQLite, over a [`Backend`] that keeps the trees.
+//!
+//! Every snapshot lives in `<root>/<id>/` where `id` is its row id: a new one
+//! is built in `new-<id>` and renamed into place, a removed one is renamed to
+//! `removing-<id>` before it is deleted, so a crash leaves either a whole
+//! snapshot or a directory GC recognises as garbage.
+
+use super::usage::disk_usage;
+use super::{Backend, Error, Info, Kind, Result, Snapshotter, Usage, io_err};
+use crate::content::apply_label_update;
+use crate::filters::Filter;
+use crate::metadata::gc::{SnapshotCollector, SnapshotNode};
+use crate::metadata::leases::{Resource, add_resource_tx, remove_resource_tx};
+use crate::metadata::{
+    Db, Labels, from_nanos, load_all_labels, load_labels, replace_labels, to_nanos,
+};
+use crate::mount::Mount;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// One snapshotter's directory and records, shared by every namespace.
+pub struct SnapshotRoot {
+    db: Arc<Db>,
+    backend: Box<dyn Backend>,
+    root: PathBuf,
+}
+
+/// One namespace's snapshots, optionally held by a lease.
+#[derive(Clone)]
+pub struct Snapshots {
+    root: Arc<SnapshotRoot>,
+    namespace: String,
+    lease: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    id: i64,
+    key: String,
+    parent: Option<String>,
+    kind: Kind,
+    created_at: i64,
+    updated_at: i64,
+    size: i64,
+    inodes: i64,
+}
+
+const COLUMNS: &str = "id, key, parent, kind, created_at, updated_at, size, inodes";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    let kind: String = r.get(3)?;
+    Ok(Row {
+        id: r.get(0)?,
+        key: r.get(1)?,
+        parent: r.get(2)?,
+        kind: Kind::parse(&kind).unwrap_or(Kind::Committed),
+        created_at: r.get(4)?,
+        updated_at: r.get(5)?,
+        size: r.get(6)?,
+        inodes: r.get(7)?,
+    })
+}
+
+impl SnapshotRoot {
+    pub fn new(db: Arc<Db>, backend: Box<dyn Backend>) -> Result<Arc<Self>> {
+        let root = db.root().join("snapshots").join(backend.name());
+        std::fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
+        Ok(Arc::new(SnapshotRoot { db, backend, root }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub fn namespace(self: &Arc<Self>, namespace: &str) -> Snapshots {
+        Snapshots {
+            root: self.clone(),
+            namespace: namespace.to_string(),
+            lease: None,
+        }
+    }
+
+    fn dir(&self, id: i64) -> PathBuf {
+        self.root.join(id.to_string())
+    }
+
+    fn get(&self, conn: &Connection, namespace: &str, key: &str) -> rusqlite::Result<Option<Row>> {
+        conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM snapshots WHERE snapshotter = ?1 AND namespace = ?2 AND key = ?3"
+        ))?
+        .query_row(params![self.name(), namespace, key], row)
+        .optional()
+    }
+
+    /// The `fs` directories of `parent` and its ancestors, newest first.
+    fn parent_dirs(
+        &self,
+        conn: &Connection,
+        namespace: &str,
+        parent: Option<&str>,
+    ) -> Result<Vec<PathBuf>> {
+        let mut dirs = Vec::new();
+        let mut next = parent.map(str::to_string);
+        while let Some(key) = next {
+            let r = self
+                .get(conn, namespace, &key)?
+                .ok_or_else(|| Error::NotFound(key.clone()))?;
+            dirs.push(self.dir(r.id).join("fs"));
+            next = r.parent;
+        }
+        Ok(dirs)
+    }
+
+    fn has_children(
+        &self,
+        conn: &Connection,
+        namespace: &str,
+        key: &str,
+    ) -> rusqlite::Result<bool> {
+        crate::metadata::exists(
+            conn,
+            "SELECT 1 FROM snapshots WHERE snapshotter = ?1 AND namespace = ?2 AND parent = ?3",
+            params![self.name(), namespace, key],
+        )
+    }
+
+    /// Deletes a snapshot's record and tree; returns the bytes freed.
+    fn remove_in(&self, namespace: &str, key: &str) -> Result<u64> {
+        let r = self.db.transaction(|tx| -> Result<Row> {
+            let r = self
+                .get(tx, namespace, key)?
+                .ok_or_else(|| Error::NotFound(key.to_string()))?;
+            if self.has_children(tx, namespace, key)? {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot remove snapshot {key:?}: it has children"
+                )));
+            }
+            tx.execute("DELETE FROM snapshots WHERE id = ?1", params![r.id])?;
+            tx.execute(
+                "DELETE FROM snapshot_labels WHERE namespace = ?1 AND owner = ?2",
+                params![namespace, r.id.to_string()],
+            )?;
+            Ok(r)
+        })?;
+        let dir = self.dir(r.id);
+        let size = match r.kind {
+            Kind::Committed => r.size as u64,
+            _ => disk_usage(&dir).map(|u| u.size).unwrap_or(0),
+        };
+        let doomed = self.root.join(format!("removing-{}", r.id));
+        match std::fs::rename(&dir, &doomed) {
+            Ok(()) => std::fs::remove_dir_all(&doomed)
+                .map_err(io_err(format!("removing {}", doomed.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("renaming {}", dir.display()))(e)),
+        }
+        Ok(size)
+    }
+
+    /// Removes directories no record owns: half-built or half-removed
+    /// snapshots from a crash.
+    fn sweep_orphan_dirs(&self) -> Result<u64> {
+        let ids: std::collections::HashSet<String> = self.db.transaction(|tx| {
+            tx.prepare("SELECT id FROM snapshots WHERE snapshotter = ?1")?
+                .query_map(params![self.name()], |r| {
+                    Ok(r.get::<_, i64>(0)?.to_string())
+                })?
+                .collect::<rusqlite::Result<_>>()
+        })?;
+        let mut freed = 0;
+        for entry in std::fs::read_dir(&self.root)
+            .map_err(io_err(format!("listing {}", self.root.display())))?
+        {
+            let entry = entry.map_err(io_err(format!("listing {}", self.root.display())))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            let orphan = name.starts_with("removing-")
+                || name.starts_with("new-")
+                || (name.chars().all(|c| c.is_ascii_digit()) && !ids.contains(&name));
+            if orphan {
+                freed += disk_usage(&entry.path()).map(|u| u.size).unwrap_or(0);
+                std::fs::remove_dir_all(entry.path())
+                    .map_err(io_err(format!("removing {}", entry.path().display())))?;
+            }
+        }
+        Ok(freed)
+    }
+}
+
+impl SnapshotCollector for SnapshotRoot {
+    fn snapshotter(&self) -> &str {
+        self.name()
+    }
+
+    fn snapshots(&self) -> crate::metadata::Result<Vec<SnapshotNode>> {
+        Ok(self
+            .db
+            .transaction(|tx| -> rusqlite::Result<Vec<SnapshotNode>> {
+                let mut labels = load_all_labels(tx, "snapshot_labels", None)?;
+                let mut stmt = tx.prepare(
+                    "SELECT id, namespace, key, parent FROM snapshots WHERE snapshotter = ?1",
+                )?;
+                let rows = stmt.query_map(params![self.name()], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                    ))
+                })?;
+                let mut out = Vec::new();
+                for r in rows {
+                    let (id, namespace, key, parent) = r?;
+                    out.push(SnapshotNode {
+                        labels: labels
+                            .remove(&(namespace.clone(), id.to_string()))
+                            .unwrap_or_default(),
+                        namespace,
+                        key,
+                        parent,
+                    });
+                }
+                Ok(out)
+            })?)
+    }
+
+    fn remove(&self, namespace: &str, key: &str) -> crate::metadata::Result<u64> {
+        let freed = self.remove_in(namespace, key).map_err(|e| match e {
+            Error::Metadata(m) => m,
+            other => crate::metadata::Error::FailedPrecondition(other.to_string()),
+        })?;
+        Ok(freed)
+    }
+
+    fn sweep_leftovers(&self) -> crate::metadata::Result<u64> {
+        self.sweep_orphan_dirs()
+            .map_err(|e| crate::metadata::Error::FailedPrecondition(e.to_string()))
+    }
+}
+
+impl Snapshots {
+    /// The same namespace, with every new snapshot held by `lease`.
+    pub fn with_lease(&self, lease: &str) -> Self {
+        Snapshots {
+            lease: Some(lease.to_string()),
+            ..self.clone()
+        }
+    }
+
+    pub fn root(&self) -> &Arc<SnapshotRoot> {
+        &self.root
+    }
+
+    fn info(&self, conn: &Connection, r: &Row) -> rusqlite::Result<Info> {
+        Ok(Info {
+            kind: r.kind,
+            name: r.key.clone(),
+            parent: r.parent.clone(),
+            labels: load_labels(conn, "snapshot_labels", &self.namespace, &r.id.to_string())?,
+            created_at: from_nanos(r.created_at),
+            updated_at: from_nanos(r.updated_at),
+        })
+    }
+
+    fn must_get(&self, conn: &Connection, key: &str) -> Result<Row> {
+        self.root
+            .get(conn, &self.namespace, key)?
+            .ok_or_else(|| Error::NotFound(key.to_string()))
+    }
+
+    fn create(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+        kind: Kind,
+    ) -> Result<Vec<Mount>> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument("a snapshot needs a key".to_string()));
+        }
+        let root = &self.root;
+        let _guard = root.db.mutation_guard();
+        let (id, parents) = root.db.transaction(|tx| -> Result<(i64, Vec<PathBuf>)> {
+            if root.get(tx, &self.namespace, key)?.is_some() {
+                return Err(Error::AlreadyExists(key.to_string()));
+            }
+            if let Some(p) = parent {
+                let pr = root
+                    .get(tx, &self.namespace, p)?
+                    .ok_or_else(|| Error::NotFound(format!("parent {p}")))?;
+                if pr.kind != Kind::Committed {
+                    return Err(Error::FailedPrecondition(format!(
+                        "parent {p:?} is not committed"
+                    )));
+                }
+            }
+            let parents = root.parent_dirs(tx, &self.namespace, parent)?;
+            let now = to_nanos(SystemTime::now());
+            tx.execute(
+                "INSERT INTO snapshots (snapshotter, namespace, key, parent, kind, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                params![root.name(), self.namespace, key, parent, kind.as_str(), now],
+            )?;
+            let id = tx.last_insert_rowid();
+            replace_labels(tx, "snapshot_labels", &self.namespace, &id.to_string(), &labels)?;
+            if let Some(lease) = &self.lease {
+                add_resource_tx(tx, &self.namespace, lease, &Resource::snapshot(root.name(), key))?;
+            }
+            Ok((id, parents))
+        })?;
+        let dir = root.dir(id);
+        let tmp = root.root.join(format!("new-{id}"));
+        let built = std::fs::create_dir(&tmp)
+            .map_err(io_err(format!("creating {}", tmp.display())))
+            .and_then(|()| root.backend.create(&tmp, &parents, kind))
+            .and_then(|()| {
+                std::fs::rename(&tmp, &dir).map_err(io_err(format!("renaming {}", tmp.display())))
+            });
+        if let Err(e) = built {
+            let _ = std::fs::remove_dir_all(&tmp);
+            root.db
+                .transaction(|tx| tx.execute("DELETE FROM snapshots WHERE id = ?1", params![id]))?;
+            return Err(e);
+        }
+        Ok(root.backend.mounts(&dir, &parents, kind))
+    }
+}
+
+impl Snapshotter for Snapshots {
+    fn name(&self) -> &str {
+        self.root.name()
+    }
+
+    fn stat(&self, key: &str) -> Result<Info> {
+        self.root.db.transaction(|tx| {
+            let r = self.must_get(tx, key)?;
+            Ok(self.info(tx, &r)?)
+        })
+    }
+
+    fn update(&self, info: Info, fieldpaths: &[&str]) -> Result<Info> {
+        self.root.db.transaction(|tx| {
+            let r = self.must_get(tx, &info.name)?;
+            let mut current = self.info(tx, &r)?;
+            apply_label_update(&mut current.labels, info.labels, fieldpaths)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            current.updated_at = SystemTime::now();
+            tx.execute(
+                "UPDATE snapshots SET updated_at = ?2 WHERE id = ?1",
+                params![r.id, to_nanos(current.updated_at)],
+            )?;
+            replace_labels(
+                tx,
+                "snapshot_labels",
+                &self.namespace,
+                &r.id.to_string(),
+                &current.labels,
+            )?;
+            Ok(current)
+        })
+    }
+
+    fn usage(&self, key: &str) -> Result<Usage> {
+        let r = self.root.db.transaction(|tx| self.must_get(tx, key))?;
+        match r.kind {
+            Kind::Committed => Ok(Usage {
+                size: r.size as u64,
+                inodes: r.inodes as u64,
+            }),
+            _ => disk_usage(&self.root.dir(r.id).join("fs")),
+        }
+    }
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let (r, parents) = self.root.db.transaction(|tx| -> Result<_> {
+            let r = self.must_get(tx, key)?;
+            let parents = self
+                .root
+                .parent_dirs(tx, &self.namespace, r.parent.as_deref())?;
+            Ok((r, parents))
+        })?;
+        let dir = self.root.dir(r.id);
+        Ok(self.root.backend.mounts(&dir, &parents, r.kind))
+    }
+
+    fn prepare(&self, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>> {
+        self.create(key, parent, labels, Kind::Active)
+    }
+
+    fn view(&self, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>> {
+        self.create(key, parent, labels, Kind::View)
+    }
+
+    fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
+        let root = &self.root;
+        let _guard = root.db.mutation_guard();
+        let r = root.db.transaction(|tx| self.must_get(tx, key))?;
+        if r.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot commit {key:?}: it is {}, not Active",
+                r.kind.as_str()
+            )));
+        }
+        let fs = root.dir(r.id).join("fs");
+        // One sync of the filesystem instead of an fsync per file written.
+        let dir = std::fs::File::open(&fs).map_err(io_err(format!("opening {}", fs.display())))?;
+        nix::unistd::syncfs(&dir)
+            .map_err(|e| io_err(format!("syncing {}", fs.display()))(e.into()))?;
+        let usage = disk_usage(&fs)?;
+        root.db.transaction(|tx| -> Result<()> {
+            if root.get(tx, &self.namespace, name)?.is_some() {
+                return Err(Error::AlreadyExists(name.to_string()));
+            }
+            tx.execute(
+                "UPDATE snapshots SET key = ?2, kind = 'Committed', size = ?3, inodes = ?4, updated_at = ?5
+                 WHERE id = ?1",
+                params![r.id, name, usage.size as i64, usage.inodes as i64, to_nanos(SystemTime::now())],
+            )?;
+            if !labels.is_empty() {
+                replace_labels(tx, "snapshot_labels", &self.namespace, &r.id.to_string(), &labels)?;
+            }
+            if let Some(lease) = &self.lease {
+                add_resource_tx(tx, &self.namespace, lease, &Resource::snapshot(root.name(), name))?;
+                remove_resource_tx(tx, &self.namespace, lease, &Resource::snapshot(root.name(), key))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        let _guard = self.root.db.mutation_guard();
+        self.root.remove_in(&self.namespace, key).map(drop)
+    }
+
+    fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
+        let infos = self.root.db.transaction(|tx| -> Result<Vec<Info>> {
+            let rows: Vec<Row> = tx
+                .prepare(&format!(
+                    "SELECT {COLUMNS} FROM snapshots WHERE snapshotter = ?1 AND namespace = ?2 ORDER BY id"
+                ))?
+                .query_map(params![self.root.name(), self.namespace], row)?
+                .collect::<rusqlite::Result<_>>()?;
+            rows.iter().map(|r| Ok(self.info(tx, r)?)).collect()
+        })?;
+        for info in infos.into_iter().filter(|i| filter.matches(i)) {
+            f(info)?;
+        }
+        Ok(())
+    }
+
+    fn apply_dirs(&self, key: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
+        self.root.db.transaction(|tx| {
+            let r = self.must_get(tx, key)?;
+            if r.kind != Kind::Active {
+                return Err(Error::FailedPrecondition(format!(
+                    "{key:?} is not an active snapshot"
+                )));
+            }
+            let parents = self
+                .root
+                .parent_dirs(tx, &self.namespace, r.parent.as_deref())?;
+            Ok((self.root.dir(r.id).join("fs"), parents))
+        })
+    }
+}
+
+impl Snapshots {
+    /// Whether a layer applied into [`Snapshotter::apply_dirs`] must be
+    /// written as an overlay upper (and with `userxattr`).
+    pub fn overlay_upper(&self) -> Option<bool> {
+        self.root.backend.overlay_upper()
+    }
+}
