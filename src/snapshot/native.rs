@@ -206,14 +206,7 @@ fn set_times(path: &Path, meta: &fs::Metadata) -> Result<()> {
 #[cfg(test)]
 mod tests {
     fn harness() -> Option<crate::snapshot::testsuite::Harness> {
-        let guard = tempfile::tempdir().ok()?;
-        let db = crate::metadata::Db::open(guard.path()).ok()?;
-        let root = crate::snapshot::SnapshotRoot::new(db.clone(), Box::new(super::Native)).ok()?;
-        Some(crate::snapshot::testsuite::Harness {
-            snapshots: root.namespace(crate::metadata::NAMESPACE_DEFAULT),
-            db,
-            guard,
-        })
+        crate::snapshot::testsuite::harness(Box::new(super::Native))
     }
 
     mod conformance {

@@ -13,6 +13,18 @@ pub struct Harness {
     pub guard: tempfile::TempDir,
 }
 
+/// A fresh root with `backend`'s snapshotter in the default namespace.
+pub fn harness(backend: Box<dyn super::Backend>) -> Option<Harness> {
+    let guard = tempfile::tempdir().ok()?;
+    let db = Db::open(guard.path()).ok()?;
+    let root = super::SnapshotRoot::new(db.clone(), backend).ok()?;
+    Some(Harness {
+        snapshots: root.namespace(crate::metadata::NAMESPACE_DEFAULT),
+        db,
+        guard,
+    })
+}
+
 fn write(s: &Snapshots, key: &str, name: &str, data: &str) {
     let (fs, _) = s.apply_dirs(key).unwrap();
     std::fs::write(fs.join(name), data).unwrap();
