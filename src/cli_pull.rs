@@ -19,6 +19,7 @@ pub async fn run(
     options: PullOptions,
     remote: RemoteOptions,
     max_concurrent_downloads: usize,
+    snapshotter: Option<Arc<hoist::snapshot::SnapshotRoot>>,
 ) -> Result<()> {
     let tty = std::io::stdout().is_terminal();
     let progress = Arc::new(if tty {
@@ -28,7 +29,12 @@ pub async fn run(
             println!("{}: {}", e.key, e.state.as_str());
         })))
     });
-    let puller = Puller::new(db, RegistryClient::new(remote), max_concurrent_downloads);
+    let puller = Puller::new(
+        db,
+        RegistryClient::new(remote),
+        max_concurrent_downloads,
+        snapshotter,
+    );
     let display = tty.then(|| {
         let progress = progress.clone();
         tokio::spawn(async move {
@@ -53,6 +59,19 @@ pub async fn run(
         human_size(total),
         human_size((total as f64 / elapsed.as_secs_f64().max(0.001)) as u64)
     );
+    for m in &pulled.manifests {
+        if let Some(u) = &m.unpacked {
+            let platform = m
+                .platform
+                .as_ref()
+                .map(hoist::images::platform_string)
+                .unwrap_or_else(|| "image".to_string());
+            println!(
+                "unpacking {platform} {}...done: {:.1?}",
+                m.manifest.digest, u.duration
+            );
+        }
+    }
     println!("{} {}", pulled.name, pulled.target.digest);
     Ok(())
 }

@@ -4,8 +4,12 @@
 //! (content, metadata, snapshots, remotes) lives in its own module behind a
 //! trait with a conformance suite.
 
+pub mod archive;
+pub mod config;
 pub mod content;
+pub mod cri;
 pub mod descriptor;
+pub mod diff;
 pub mod digest;
 pub mod filters;
 pub mod images;

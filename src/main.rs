@@ -28,6 +28,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the CRI ImageService on a unix socket (for kubelet and crictl)
+    Serve {
+        /// Config file (TOML; every key optional)
+        #[arg(long, default_value = hoist::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Socket to listen on [default: /run/hoist/hoist.sock]
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// overlayfs or native [default: overlayfs where the host supports it]
+        #[arg(long)]
+        snapshotter: Option<String>,
+        /// Registry host configuration directory [default: /etc/hoist/certs.d]
+        #[arg(long)]
+        hosts_dir: Option<PathBuf>,
+        /// text or json
+        #[arg(long)]
+        log_format: Option<String>,
+    },
     /// Fetch an image (index, manifests, config, layers) and record it
     Pull {
         /// Platform to fetch, os/arch[/variant] (repeatable) [default: this machine's]
@@ -36,9 +54,12 @@ enum Command {
         /// Fetch every platform of an index
         #[arg(long)]
         all_platforms: bool,
-        /// Accepted for compatibility: unpacking is not part of hoist yet
+        /// Fetch only, do not unpack into snapshots
         #[arg(long)]
         no_unpack: bool,
+        /// overlayfs or native [default: overlayfs where the host supports it]
+        #[arg(long)]
+        snapshotter: Option<String>,
         /// Directory of registry host configuration (containerd's hosts.toml layout)
         #[arg(long, default_value = "/etc/hoist/certs.d")]
         hosts_dir: PathBuf,
@@ -64,12 +85,40 @@ enum Command {
     },
     /// Remove images by name, then collect garbage
     Rmi { references: Vec<String> },
+    /// Mount a read-only view of an image's root filesystem at DIR
+    Mount {
+        /// overlayfs or native [default: the one the image was unpacked with]
+        #[arg(long)]
+        snapshotter: Option<String>,
+        /// Platform of a multi-platform image [default: this machine's]
+        #[arg(long)]
+        platform: Option<String>,
+        reference: String,
+        dir: PathBuf,
+    },
+    /// Unmount DIR and remove the view `hoist mount` made for it
+    Unmount { dir: PathBuf },
+    /// Inspect snapshots
+    Snapshots {
+        #[command(subcommand)]
+        command: SnapshotsCommand,
+    },
     /// Remove everything no image, lease or root label keeps alive
     Gc,
     /// Inspect the content store
     Content {
         #[command(subcommand)]
         command: ContentCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotsCommand {
+    /// List snapshots: key, parent, kind
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        snapshotter: Option<String>,
     },
 }
 
@@ -86,25 +135,41 @@ enum ContentCommand {
     },
 }
 
+mod cli_mount;
 mod cli_pull;
+mod cli_serve;
 
 /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
-fn docker_config_path() -> Option<PathBuf> {
+pub(crate) fn docker_config_path() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
         return Some(PathBuf::from(dir).join("config.json"));
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
 }
 
+fn init_logging(json: bool, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOIST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HOIST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { .. } => cli_serve::run(cli),
+        _ => {
+            init_logging(false, "warn");
+            run(cli)
+        }
+    };
+    if let Err(e) = result {
         eprintln!("hoist: {e:#}");
         std::process::exit(1);
     }
@@ -112,14 +177,18 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     validate_namespace(&cli.namespace)?;
-    let root = cli.root.unwrap_or_else(default_root);
+    let root = cli.root.clone().unwrap_or_else(default_root);
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let _lock = hoist::root::RootLock::shared(&root)?;
     let db = Db::open(&root).with_context(|| format!("opening hoist root {}", root.display()))?;
     match cli.command {
+        // Dispatched to cli_serve by main before a root is opened.
+        Command::Serve { .. } => {}
         Command::Pull {
             platforms,
             all_platforms,
-            no_unpack: _,
+            no_unpack,
+            snapshotter,
             hosts_dir,
             plain_http,
             user,
@@ -136,6 +205,12 @@ fn run(cli: Cli) -> Result<()> {
                 credentials: user
                     .as_deref()
                     .map(hoist::remote::Credentials::from_user_flag),
+                no_unpack,
+            };
+            let snapshotter = if no_unpack {
+                None
+            } else {
+                Some(hoist::snapshot::open(&db, snapshotter.as_deref())?)
             };
             let remote = hoist::remote::RemoteOptions {
                 hosts: hoist::remote::HostsConfig::new(Some(hosts_dir), plain_http),
@@ -154,6 +229,7 @@ fn run(cli: Cli) -> Result<()> {
                 options,
                 remote,
                 max_concurrent_downloads,
+                snapshotter,
             ))?;
         }
         Command::Images { quiet } => cli_pull::list_images(&db, &cli.namespace, quiet)?,
@@ -164,11 +240,28 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("removing {r}"))?;
                 println!("{name}");
             }
-            let report = db.garbage_collect(&[])?;
+            let report = hoist::snapshot::garbage_collect(&db)?;
             eprintln!("freed {}", human_size(report.bytes_freed));
         }
+        Command::Mount {
+            snapshotter,
+            platform,
+            reference,
+            dir,
+        } => cli_mount::mount(
+            &db,
+            &cli.namespace,
+            snapshotter.as_deref(),
+            platform.as_deref(),
+            &reference,
+            &dir,
+        )?,
+        Command::Unmount { dir } => cli_mount::unmount(&db, &cli.namespace, &dir)?,
+        Command::Snapshots {
+            command: SnapshotsCommand::Ls { snapshotter },
+        } => cli_mount::list_snapshots(&db, &cli.namespace, snapshotter.as_deref())?,
         Command::Gc => {
-            let r = db.garbage_collect(&[])?;
+            let r = hoist::snapshot::garbage_collect(&db)?;
             println!(
                 "removed {} blobs, {} snapshots, {} ingests, {} leases; freed {} in {:.2?}",
                 r.content_removed,

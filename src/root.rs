@@ -39,6 +39,87 @@ pub fn validate_namespace(ns: &str) -> Result<(), InvalidNamespace> {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "{root} is in use by the hoist daemon serving {socket}: talk to it (crictl --image-endpoint unix://{socket}) or stop it first"
+    )]
+    HeldByDaemon { root: String, socket: String },
+    #[error("{root} is in use by another hoist process")]
+    Busy { root: String },
+    #[error("locking {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A lock on a root: the daemon holds it exclusively (with its socket path
+/// written inside), commands hold it shared, so a command never writes
+/// behind a live daemon's back.
+pub struct RootLock {
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl RootLock {
+    fn open(root: &std::path::Path) -> Result<(std::fs::File, PathBuf), LockError> {
+        let path = root.join("hoist.lock");
+        let io = |source| LockError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(root).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        Ok((file, path))
+    }
+
+    fn lock(root: &std::path::Path, arg: nix::fcntl::FlockArg) -> Result<Self, LockError> {
+        let (file, path) = Self::open(root)?;
+        match nix::fcntl::Flock::lock(file, arg) {
+            Ok(f) => Ok(RootLock { _file: f }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let socket = std::fs::read_to_string(&path).unwrap_or_default();
+                let root = root.display().to_string();
+                if socket.trim().is_empty() {
+                    Err(LockError::Busy { root })
+                } else {
+                    Err(LockError::HeldByDaemon {
+                        root,
+                        socket: socket.trim().to_string(),
+                    })
+                }
+            }
+            Err((_, errno)) => Err(LockError::Io {
+                path: path.display().to_string(),
+                source: errno.into(),
+            }),
+        }
+    }
+
+    /// For commands: fails at once while a daemon holds the root.
+    pub fn shared(root: &std::path::Path) -> Result<Self, LockError> {
+        Self::lock(root, nix::fcntl::FlockArg::LockSharedNonblock)
+    }
+
+    /// For the daemon: records its socket for the message commands print.
+    pub fn exclusive(root: &std::path::Path, socket: &std::path::Path) -> Result<Self, LockError> {
+        let lock = Self::lock(root, nix::fcntl::FlockArg::LockExclusiveNonblock)?;
+        let path = root.join("hoist.lock");
+        std::fs::write(&path, socket.display().to_string()).map_err(|source| LockError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(lock)
+    }
+}
+
 /// `1.5 MiB`, `512 B`: sizes as people read them.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -67,6 +148,22 @@ mod tests {
         for bad in ["", "K8s", "a/b", ".x", "-x", "a b"] {
             assert!(validate_namespace(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_daemon_lock_turns_commands_away_naming_its_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = RootLock::exclusive(dir.path(), std::path::Path::new("/run/x.sock")).unwrap();
+        let err = RootLock::shared(dir.path())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("/run/x.sock"), "{err}");
+        drop(daemon);
+        let a = RootLock::shared(dir.path()).unwrap();
+        let _b = RootLock::shared(dir.path()).unwrap();
+        assert!(RootLock::exclusive(dir.path(), std::path::Path::new("/s")).is_err());
+        drop(a);
     }
 
     #[test]

@@ -25,7 +25,7 @@ fn puller(root: &std::path::Path, timeout: Duration) -> Arc<Puller> {
         attempts: 4,
         ..Default::default()
     };
-    Puller::new(db, RegistryClient::new(remote), 3)
+    Puller::new(db, RegistryClient::new(remote), 3, None)
 }
 
 /// A gzip layer of `size` pseudo-random (so barely compressible) bytes.

@@ -2,6 +2,7 @@
 //! GC labels a parent gets for them.
 
 pub mod platform;
+pub mod stored;
 
 use crate::descriptor::{Descriptor, Platform};
 use crate::metadata::Labels;
@@ -211,5 +212,90 @@ pub fn platform_string(p: &Platform) -> String {
     match &p.variant {
         Some(v) if !v.is_empty() => format!("{}/{}/{v}", p.os, p.architecture),
         _ => format!("{}/{}", p.os, p.architecture),
+    }
+}
+
+/// The parts of an image config hoist reads; the whole JSON is kept for
+/// callers that show it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageConfig {
+    #[serde(default)]
+    pub rootfs: RootFs,
+    #[serde(default)]
+    pub config: Option<RuntimeConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RootFs {
+    #[serde(default)]
+    pub diff_ids: Vec<crate::digest::Digest>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RuntimeConfig {
+    #[serde(rename = "User", default)]
+    pub user: Option<String>,
+}
+
+pub fn parse_config(desc: &Descriptor, body: &[u8]) -> Result<ImageConfig, Error> {
+    parse("config", desc, body)
+}
+
+/// containerd's chain IDs: `chain(0) = diff(0)`,
+/// `chain(i) = sha256(chain(i-1) + " " + diff(i))`.
+pub fn chain_ids(diff_ids: &[crate::digest::Digest]) -> Vec<crate::digest::Digest> {
+    let mut out: Vec<crate::digest::Digest> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => crate::digest::Digest::of(format!("{prev} {d}").as_bytes()),
+        };
+        out.push(next);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Digest;
+
+    #[test]
+    fn chain_ids_follow_containerd() {
+        let a = Digest::of(b"a");
+        let b = Digest::of(b"b");
+        let c = Digest::of(b"c");
+        let ids = chain_ids(&[a.clone(), b.clone(), c.clone()]);
+        assert_eq!(ids[0], a);
+        assert_eq!(ids[1], Digest::of(format!("{a} {b}").as_bytes()));
+        assert_eq!(ids[2], Digest::of(format!("{} {c}", ids[1]).as_bytes()));
+        assert!(chain_ids(&[]).is_empty());
+    }
+
+    #[test]
+    fn media_types_classify_and_refuse_by_name() {
+        let d = |mt: &str| Descriptor::new(mt, Digest::of(b"x"), 1);
+        assert_eq!(
+            kind(&d(OCI_LAYER_ZSTD)).unwrap(),
+            Kind::Layer(Compression::Zstd)
+        );
+        assert_eq!(
+            kind(&d(DOCKER_LAYER_GZIP)).unwrap(),
+            Kind::Layer(Compression::Gzip)
+        );
+        assert_eq!(kind(&d(OCI_LAYER)).unwrap(), Kind::Layer(Compression::None));
+        assert_eq!(kind(&d(DOCKER_LIST)).unwrap(), Kind::Index);
+        let err = kind(&d(DOCKER_SCHEMA1)).unwrap_err();
+        assert!(err.to_string().contains(DOCKER_SCHEMA1), "{err}");
+        let err = kind(&d("application/x-odd")).unwrap_err();
+        assert!(err.to_string().contains("application/x-odd"), "{err}");
+        assert_eq!(
+            sniff_media_type(br#"{"schemaVersion":1,"fsLayers":[]}"#).as_deref(),
+            Some(DOCKER_SCHEMA1)
+        );
+        assert_eq!(
+            sniff_media_type(br#"{"manifests":[]}"#).as_deref(),
+            Some(OCI_INDEX)
+        );
     }
 }

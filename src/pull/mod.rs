@@ -4,6 +4,7 @@
 
 pub mod fetch;
 pub mod progress;
+pub mod unpack;
 
 use crate::content::{Error as ContentError, Labels, Store};
 use crate::descriptor::{Descriptor, Platform};
@@ -15,6 +16,7 @@ use crate::metadata::{ContentStore, Db};
 use crate::reference::{Reference, ReferenceError};
 use crate::remote::client::Repository;
 use crate::remote::{Credentials, RegistryClient};
+use crate::snapshot::{SnapshotRoot, Snapshots};
 use futures_util::future::try_join_all;
 use parking_lot::Mutex;
 use progress::{Progress, State};
@@ -22,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -38,6 +40,10 @@ pub enum Error {
     Metadata(#[from] crate::metadata::Error),
     #[error(transparent)]
     Image(#[from] images::Error),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::Error),
+    #[error(transparent)]
+    Apply(#[from] crate::diff::Error),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -48,6 +54,8 @@ pub struct PullOptions {
     pub platforms: Vec<Platform>,
     pub all_platforms: bool,
     pub credentials: Option<Credentials>,
+    /// Fetch only; by default every fetched manifest is unpacked.
+    pub no_unpack: bool,
 }
 
 /// What a pull produced.
@@ -65,6 +73,7 @@ pub struct PulledManifest {
     pub manifest: Descriptor,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
+    pub unpacked: Option<unpack::Unpacked>,
 }
 
 /// Long-lived pull machinery: the download limit and the per-digest locks
@@ -74,6 +83,8 @@ pub struct Puller {
     client: Arc<RegistryClient>,
     downloads: Arc<Semaphore>,
     blob_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    snapshotter: Option<Arc<SnapshotRoot>>,
+    chain_locks: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 static LEASE_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -83,17 +94,25 @@ static LEASE_SEQ: AtomicU64 = AtomicU64::new(0);
 const PULL_LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl Puller {
+    /// Without a snapshotter, pulls fetch only.
     pub fn new(
         db: Arc<Db>,
         client: Arc<RegistryClient>,
         max_concurrent_downloads: usize,
+        snapshotter: Option<Arc<SnapshotRoot>>,
     ) -> Arc<Self> {
         Arc::new(Puller {
             db,
             client,
             downloads: Arc::new(Semaphore::new(max_concurrent_downloads.max(1))),
             blob_locks: Mutex::new(HashMap::new()),
+            snapshotter,
+            chain_locks: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn snapshotter(&self) -> Option<&Arc<SnapshotRoot>> {
+        self.snapshotter.as_ref()
     }
 
     pub fn db(&self) -> &Arc<Db> {
@@ -129,11 +148,16 @@ impl Puller {
         blocking(move || db.create_lease(&ns, &id, [expire_label(PULL_LEASE_TTL)].into()))
             .await??;
         let store = self.db.content_store(namespace).with_lease(&lease);
+        let snapshots = match (&self.snapshotter, options.no_unpack) {
+            (Some(root), false) => Some(root.namespace(namespace).with_lease(&lease)),
+            _ => None,
+        };
 
         let job = Job {
             puller: self.clone(),
             repo: &repo,
             store: &store,
+            snapshots: snapshots.as_ref(),
             options,
             progress,
         };
@@ -166,17 +190,31 @@ impl Puller {
     }
 
     fn blob_lock(&self, digest: &Digest) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.blob_locks.lock();
-        // Forget locks nobody holds, so the map stays as small as the work.
-        locks.retain(|_, l| Arc::strong_count(l) > 1);
-        locks.entry(digest.clone()).or_default().clone()
+        lock_for(&self.blob_locks, digest)
     }
+
+    /// Unpacks of one chain ID run one at a time.
+    pub(crate) fn chain_lock(&self, chain_id: &Digest) -> Arc<tokio::sync::Mutex<()>> {
+        lock_for(&self.chain_locks, chain_id)
+    }
+}
+
+/// The lock for `digest` in `locks`, forgetting locks nobody holds so the
+/// map stays as small as the work in flight.
+fn lock_for(
+    locks: &Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
+    digest: &Digest,
+) -> Arc<tokio::sync::Mutex<()>> {
+    let mut locks = locks.lock();
+    locks.retain(|_, l| Arc::strong_count(l) > 1);
+    locks.entry(digest.clone()).or_default().clone()
 }
 
 struct Job<'a> {
     puller: Arc<Puller>,
     repo: &'a Repository,
     store: &'a ContentStore,
+    snapshots: Option<&'a Snapshots>,
     options: &'a PullOptions,
     progress: &'a Progress,
 }
@@ -282,37 +320,61 @@ impl Job<'_> {
         let labels = images::gc_child_labels(Kind::Manifest, &children);
         self.store_manifest(desc, Kind::Manifest, labels, body)
             .await?;
-        try_join_all(children.iter().map(|c| self.fetch_data_blob(c))).await?;
+        // Each stored child's index goes to the unpacker, which applies
+        // layer i as soon as layers 0..=i are in.
+        let (ready_tx, ready) = mpsc::channel(children.len());
+        let fetches: Vec<_> = children
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let ready_tx = ready_tx.clone();
+                async move {
+                    self.fetch_data_blob(c).await?;
+                    let _ = ready_tx.send(i).await;
+                    Ok::<_, Error>(())
+                }
+            })
+            .collect();
+        drop(ready_tx);
+        let unpacking = async {
+            match self.snapshots {
+                Some(snapshots) => {
+                    let puller = &*self.puller;
+                    let config = &manifest.config;
+                    let u = unpack::unpack(
+                        puller,
+                        self.store,
+                        snapshots,
+                        config,
+                        &manifest.layers,
+                        ready,
+                        self.progress,
+                    );
+                    u.await.map(Some)
+                }
+                None => Ok(None),
+            }
+        };
+        let (_, unpacked) = tokio::try_join!(try_join_all(fetches), unpacking)?;
         Ok(PulledManifest {
             platform: desc.platform.clone(),
             manifest: desc.clone(),
             config: manifest.config,
             layers: manifest.layers,
+            unpacked,
         })
     }
 
     /// A manifest or index: from the store when present, else the registry.
     async fn manifest_bytes(&self, desc: &Descriptor) -> Result<Vec<u8>> {
         let key = progress_key(images::kind(desc)?, &desc.digest);
-        let store = self.store.clone();
-        let digest = desc.digest.clone();
-        let local = blocking(move || -> crate::content::Result<Vec<u8>> {
-            let mut blob = store.reader_at(&digest)?;
-            let mut out = Vec::new();
-            std::io::Read::read_to_end(&mut blob, &mut out).map_err(|source| ContentError::Io {
-                context: format!("reading {digest}"),
-                source,
-            })?;
-            Ok(out)
-        })
-        .await?;
-        match local {
+        match read_blob(self.store, &desc.digest).await {
             Ok(body) if Digest::of(&body) == desc.digest => {
                 self.progress.set(&key, State::Exists, desc.size);
                 return Ok(body);
             }
-            Ok(_) | Err(ContentError::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
+            Ok(_) | Err(Error::Content(ContentError::NotFound(_))) => {}
+            Err(e) => return Err(e),
         }
         self.progress.set(&key, State::Downloading, desc.size);
         let body = self.repo.fetch_manifest(desc).await?;
@@ -374,8 +436,23 @@ impl Job<'_> {
     }
 }
 
+/// A small blob (manifest, config) read whole, off the async runtime.
+pub(crate) async fn read_blob(store: &ContentStore, digest: &Digest) -> Result<Vec<u8>> {
+    let (store, digest) = (store.clone(), digest.clone());
+    Ok(blocking(move || -> crate::content::Result<Vec<u8>> {
+        let mut blob = store.reader_at(&digest)?;
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut blob, &mut out).map_err(|source| ContentError::Io {
+            context: format!("reading {digest}"),
+            source,
+        })?;
+        Ok(out)
+    })
+    .await??)
+}
+
 /// Adds `labels` to a blob's labels, keeping the others.
-fn merge_labels(
+pub(crate) fn merge_labels(
     store: &ContentStore,
     digest: &Digest,
     labels: Labels,

@@ -135,3 +135,49 @@ pub trait Backend: Send + Sync {
         None
     }
 }
+
+/// The snapshotter named `name` (`overlayfs` or `native`), or with `None`
+/// overlay where this host supports it and native elsewhere.
+pub fn open(
+    db: &std::sync::Arc<crate::metadata::Db>,
+    name: Option<&str>,
+) -> Result<std::sync::Arc<SnapshotRoot>> {
+    let snapshots = db.root().join("snapshots");
+    let backend: Box<dyn Backend> = match name {
+        Some("overlayfs") | Some("overlay") => Box::new(overlay::Overlay::new()),
+        Some("native") => Box::new(native::Native),
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown snapshotter {other:?}: use overlayfs or native"
+            )));
+        }
+        None if overlay::supported(&snapshots) => Box::new(overlay::Overlay::new()),
+        None => Box::new(native::Native),
+    };
+    SnapshotRoot::new(db.clone(), backend)
+}
+
+/// Every snapshotter that has snapshots under this root, for GC.
+pub fn open_existing(
+    db: &std::sync::Arc<crate::metadata::Db>,
+) -> Result<Vec<std::sync::Arc<SnapshotRoot>>> {
+    let mut out = Vec::new();
+    for name in ["overlayfs", "native"] {
+        if db.root().join("snapshots").join(name).is_dir() {
+            out.push(open(db, Some(name))?);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs garbage collection over content and every snapshotter on disk.
+pub fn garbage_collect(
+    db: &std::sync::Arc<crate::metadata::Db>,
+) -> Result<crate::metadata::gc::GcReport> {
+    let roots = open_existing(db)?;
+    let collectors: Vec<&dyn crate::metadata::gc::SnapshotCollector> = roots
+        .iter()
+        .map(|r| &**r as &dyn crate::metadata::gc::SnapshotCollector)
+        .collect();
+    Ok(db.garbage_collect(&collectors)?)
+}

@@ -163,6 +163,31 @@ impl SnapshotRoot {
         Ok(size)
     }
 
+    /// What every snapshot uses: recorded for committed ones, measured for
+    /// the rest.
+    pub fn total_usage(&self) -> Result<Usage> {
+        let rows: Vec<Row> = self.db.transaction(|tx| {
+            tx.prepare(&format!(
+                "SELECT {COLUMNS} FROM snapshots WHERE snapshotter = ?1"
+            ))?
+            .query_map(params![self.name()], row)?
+            .collect::<rusqlite::Result<_>>()
+        })?;
+        let mut total = Usage::default();
+        for r in rows {
+            let u = match r.kind {
+                Kind::Committed => Usage {
+                    size: r.size as u64,
+                    inodes: r.inodes as u64,
+                },
+                _ => disk_usage(&self.dir(r.id).join("fs"))?,
+            };
+            total.size += u.size;
+            total.inodes += u.inodes;
+        }
+        Ok(total)
+    }
+
     /// Removes directories no record owns: half-built or half-removed
     /// snapshots from a crash.
     fn sweep_orphan_dirs(&self) -> Result<u64> {

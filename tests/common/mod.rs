@@ -172,21 +172,65 @@ impl Registry {
     }
 }
 
+/// One entry of a test layer.
+pub enum Entry<'a> {
+    File(&'a str, &'a [u8]),
+    Dir(&'a str),
+    Symlink(&'a str, &'a str),
+}
+
+/// An uncompressed tar of `entries`, in order.
+pub fn tar_layer(entries: &[Entry<'_>]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(1_700_000_000);
+        match e {
+            Entry::File(path, data) => {
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_cksum();
+                tar.append_data(&mut h, path, *data).unwrap();
+            }
+            Entry::Dir(path) => {
+                h.set_size(0);
+                h.set_mode(0o755);
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_cksum();
+                tar.append_data(&mut h, path, std::io::empty()).unwrap();
+            }
+            Entry::Symlink(path, target) => {
+                h.set_size(0);
+                h.set_mode(0o777);
+                h.set_entry_type(tar::EntryType::Symlink);
+                tar.append_link(&mut h, path, target).unwrap();
+            }
+        }
+    }
+    tar.into_inner().unwrap()
+}
+
+pub fn gzip(raw: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(raw).unwrap();
+    gz.finish().unwrap()
+}
+
 /// A gzip-compressed tar with the given files.
 pub fn gzip_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut tar = tar::Builder::new(Vec::new());
-    for (path, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_mtime(1_700_000_000);
-        h.set_cksum();
-        tar.append_data(&mut h, path, *data).unwrap();
+    let entries: Vec<Entry<'_>> = files.iter().map(|(p, d)| Entry::File(p, d)).collect();
+    gzip(&tar_layer(&entries))
+}
+
+/// The diff ID of a layer: the digest of its uncompressed bytes (a blob
+/// that is not gzip, like an attestation, is its own diff).
+pub fn diff_id(layer: &[u8]) -> Digest {
+    let mut raw = Vec::new();
+    match std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(layer), &mut raw) {
+        Ok(_) => Digest::of(&raw),
+        Err(_) => Digest::of(layer),
     }
-    let raw = tar.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&raw).unwrap();
-    gz.finish().unwrap()
 }
 
 pub struct Pushed {
@@ -224,7 +268,7 @@ pub async fn push_image(
     let config = json!({
         "architecture": platform.1, "os": platform.0,
         "config": {"User": "1002"},
-        "rootfs": {"type": "layers", "diff_ids": pushed_layers.iter().map(|l| l.digest.to_string()).collect::<Vec<_>>()},
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| diff_id(l).to_string()).collect::<Vec<_>>()},
     });
     let config = reg
         .push_blob(repo, config.to_string().as_bytes(), config_mt)

@@ -1,0 +1,191 @@
+//! Applying an image layer (a tar stream, optionally gzip or zstd
+//! compressed) onto a snapshot directory, with the OCI image-spec and
+//! containerd semantics: whiteouts, opaque directories, hardlinks, devices,
+//! PAX/GNU extensions, sparse files and ownership/mode/xattr/time metadata.
+//!
+//! Every path is resolved inside the root through directory fds, never
+//! following a symlink out of it (see `safe.rs`).
+
+mod apply;
+mod compression;
+mod reader;
+mod safe;
+mod whiteout;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use crate::digest::Digest;
+
+/// Size of the read buffers and of file copies.
+const BUF_SIZE: usize = 128 * 1024;
+
+/// How the layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Compression::None => "uncompressed",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WhiteoutMode {
+    /// Applied into a plain tree (native snapshotter): whiteouts delete lower entries.
+    Plain,
+    /// Applied straight into an overlay upperdir: whiteouts become overlay whiteouts
+    /// (char device 0:0) and opaque dirs get the opaque xattr
+    /// (`trusted.overlay.opaque=y`, or `user.overlay.opaque=y` when userxattr);
+    /// `lowers` (newest first) are the parent layers' trees, read to copy up
+    /// missing parent directories' metadata and hardlink targets.
+    Overlay {
+        userxattr: bool,
+        lowers: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyOptions {
+    pub whiteouts: WhiteoutMode,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            whiteouts: WhiteoutMode::Plain,
+        }
+    }
+}
+
+/// What applying a layer produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// sha256 of the whole uncompressed stream.
+    pub diff_id: Digest,
+    /// Length of the whole uncompressed stream.
+    pub uncompressed_size: u64,
+    /// Tar entries seen (PAX/GNU extension headers not counted; whiteouts
+    /// and skipped entries counted).
+    pub entries: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArchiveError {
+    #[error("reading {compression} layer stream: {source}")]
+    Stream {
+        compression: Compression,
+        #[source]
+        source: io::Error,
+    },
+    #[error("malformed tar entry {path:?}: {reason}")]
+    Malformed { path: String, reason: String },
+    #[error("truncated layer at tar entry {path:?}: {reason}")]
+    Truncated { path: String, reason: String },
+    #[error("tar entry {path:?} escapes the root: {reason}")]
+    Breakout { path: String, reason: String },
+    #[error("tar entry {path:?} has unsupported type {typeflag:?}")]
+    UnsupportedType { path: String, typeflag: char },
+    #[error("invalid whiteout {path:?}: {reason}")]
+    InvalidWhiteout { path: String, reason: String },
+    #[error("hardlink {path:?} to {target:?}: {reason}")]
+    Hardlink {
+        path: String,
+        target: String,
+        reason: String,
+    },
+    #[error("tar entry {path:?}: {component} is not a directory")]
+    NotADirectory { path: String, component: String },
+    #[error("{op} for tar entry {path:?}: {source}")]
+    Io {
+        op: String,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("opening {what} {path:?}: {source}")]
+    Open {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn drain(mut rest: impl Read, compression: Compression) -> Result<(), ArchiveError> {
+    io::copy(&mut rest, &mut io::sink())
+        .map(|_| ())
+        .map_err(|e| {
+            compression::stream_error(e, compression).unwrap_or_else(|e| ArchiveError::Io {
+                op: "draining the layer after the end of the archive".into(),
+                path: String::new(),
+                source: e,
+            })
+        })
+}
+
+/// Decompresses `layer`, hashes the whole uncompressed stream (including the tar's trailing padding: drain the reader to EOF after the archive ends), and applies the tar into `root`.
+pub fn apply_layer(
+    root: &Path,
+    layer: impl Read,
+    compression: Compression,
+    opts: &ApplyOptions,
+) -> Result<Applied, ArchiveError> {
+    let decoded = compression::decoder(layer, compression)?;
+    let mut hashed = compression::HashingReader::new(decoded);
+    let mut applier = apply::Applier::new(root, &opts.whiteouts)?;
+    {
+        let buffered = BufReader::with_capacity(BUF_SIZE, &mut hashed);
+        let mut tar = reader::TarReader::new(buffered, compression);
+        let applied = (|| {
+            while let Some(entry) = tar.next_entry()? {
+                applier.apply(&entry, &mut tar)?;
+            }
+            applier.finish()
+        })();
+        let structural = matches!(
+            applied,
+            Err(ArchiveError::Malformed { .. }
+                | ArchiveError::Truncated { .. }
+                | ArchiveError::UnsupportedType { .. })
+        );
+        // The digest covers whatever follows the end-of-archive blocks too.
+        let drained = if applied.is_ok() || (structural && compression != Compression::None) {
+            drain(tar.into_inner(), compression)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = applied {
+            // Garbage out of a damaged compressed stream looks like a broken
+            // tar; the decompressor's own verdict (e.g. a CRC mismatch at
+            // the end) names the real cause.
+            return Err(match drained {
+                Err(stream @ ArchiveError::Stream { .. }) => {
+                    tracing::debug!(error = %e, "tar error caused by a damaged layer stream");
+                    stream
+                }
+                _ => e,
+            });
+        }
+        drained?;
+    }
+    let (diff_id, uncompressed_size) = hashed.finish();
+    Ok(Applied {
+        diff_id,
+        uncompressed_size,
+        entries: applier.entries(),
+    })
+}

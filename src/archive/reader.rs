@@ -1,0 +1,807 @@
+//! A streaming tar reader over the decompressed layer.
+//!
+//! The `tar` crate decodes the header fields, but the stream framing is done
+//! here because `tar::Archive` hides what an applier needs: it splits PAX
+//! records on '\n' (so a binary `SCHILY.xattr.security.capability` value
+//! holding a 0x0a byte is dropped), it fills GNU sparse holes with zeros
+//! without exposing the extension-block map, it does not know the PAX sparse
+//! formats, and a short data section just reads as EOF.
+
+use std::io::{self, BufRead};
+
+use tar::Header;
+
+use super::compression::stream_error;
+use super::{ArchiveError, Compression};
+
+const BLOCK: u64 = 512;
+/// Bound on PAX records, GNU long names and sparse maps held in memory
+/// (Go's archive/tar uses the same limit).
+const MAX_META: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Hardlink,
+    Char,
+    Block,
+    Fifo,
+}
+
+/// Seconds and nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub(super) struct Time {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+/// Extended attributes as (name, value) pairs.
+pub(super) type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A data fragment of a sparse file; everything outside the fragments is a hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Segment {
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub name: Vec<u8>,
+    pub link: Vec<u8>,
+    pub kind: Kind,
+    /// Permission bits including setuid, setgid and sticky.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: Time,
+    pub atime: Option<Time>,
+    pub major: u32,
+    pub minor: u32,
+    pub xattrs: Xattrs,
+    /// The file's logical size (the real size for a sparse file).
+    pub size: u64,
+    /// The data fragments, in stream order, for a sparse file.
+    pub sparse: Option<Vec<Segment>>,
+}
+
+impl Entry {
+    pub fn display(&self) -> String {
+        String::from_utf8_lossy(&self.name).into_owned()
+    }
+}
+
+/// PAX records gathered for the next entry.
+#[derive(Default)]
+struct Pax {
+    path: Option<Vec<u8>>,
+    linkpath: Option<Vec<u8>>,
+    size: Option<u64>,
+    uid: Option<u64>,
+    gid: Option<u64>,
+    mtime: Option<Time>,
+    atime: Option<Time>,
+    xattrs: Xattrs,
+    sparse_major: Option<Vec<u8>>,
+    sparse_minor: Option<Vec<u8>>,
+    sparse_name: Option<Vec<u8>>,
+    sparse_map: Option<Vec<u8>>,
+    sparse_size: Option<u64>,
+    sparse_realsize: Option<u64>,
+    /// Format 0.0 repeats `GNU.sparse.offset`/`numbytes` records in order.
+    sparse_pairs: Vec<u64>,
+    any: bool,
+}
+
+pub(super) struct TarReader<R> {
+    inner: R,
+    compression: Compression,
+    /// Unread data bytes of the current entry.
+    remaining: u64,
+    /// Padding after the current entry's data.
+    padding: u64,
+    /// The current entry's name, for errors.
+    current: String,
+}
+
+impl<R: BufRead> TarReader<R> {
+    pub fn new(inner: R, compression: Compression) -> Self {
+        TarReader {
+            inner,
+            compression,
+            remaining: 0,
+            padding: 0,
+            current: String::new(),
+        }
+    }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    /// Reads the next entry's headers; `None` at the end of the archive.
+    pub fn next_entry(&mut self) -> Result<Option<Entry>, ArchiveError> {
+        self.skip_rest()?;
+        let mut pax = Pax::default();
+        let mut long_name: Option<Vec<u8>> = None;
+        let mut long_link: Option<Vec<u8>> = None;
+        loop {
+            let mut block = [0u8; BLOCK as usize];
+            let pending = pax.any || long_name.is_some() || long_link.is_some();
+            if !self.read_block(&mut block)? || block.iter().all(|&b| b == 0) {
+                if pending {
+                    return Err(self.truncated("extended header is not followed by an entry"));
+                }
+                return Ok(None);
+            }
+            let mut header = Header::new_old();
+            header.as_mut_bytes().copy_from_slice(&block);
+            let name = String::from_utf8_lossy(&header.path_bytes()).into_owned();
+            check_sum(&block).map_err(|reason| malformed(&name, reason))?;
+            let size = field(&block, 124..136, "size").map_err(|r| malformed(&name, r))?;
+            self.current = name;
+            match block[156] {
+                b'x' => {
+                    let data = self.read_meta(size, "PAX header")?;
+                    parse_pax(&data, &mut pax).map_err(|r| self.malformed(r))?;
+                    pax.any = true;
+                }
+                // Global PAX headers are ignored, as containerd does.
+                b'g' => self.skip(size)?,
+                b'L' => long_name = Some(trim_nul(self.read_meta(size, "GNU long name")?)),
+                b'K' => long_link = Some(trim_nul(self.read_meta(size, "GNU long link")?)),
+                typeflag => {
+                    return self
+                        .finish_entry(&header, typeflag, size, pax, long_name, long_link)
+                        .map(Some);
+                }
+            }
+        }
+    }
+
+    fn finish_entry(
+        &mut self,
+        header: &Header,
+        typeflag: u8,
+        size: u64,
+        pax: Pax,
+        long_name: Option<Vec<u8>>,
+        long_link: Option<Vec<u8>>,
+    ) -> Result<Entry, ArchiveError> {
+        let mut name = pax
+            .path
+            .clone()
+            .or(long_name)
+            .unwrap_or_else(|| header.path_bytes().into_owned());
+        if let Some(n) = &pax.sparse_name {
+            name = n.clone();
+        }
+        self.current = String::from_utf8_lossy(&name).into_owned();
+        let link = pax
+            .linkpath
+            .clone()
+            .or(long_link)
+            .or_else(|| header.link_name_bytes().map(|l| l.into_owned()))
+            .unwrap_or_default();
+        let kind = match typeflag {
+            // A NUL typeflag is old tar: a trailing slash marks a directory.
+            b'\0' if name.ends_with(b"/") => Kind::Dir,
+            b'0' | b'\0' | b'7' | b'S' => Kind::File,
+            b'1' => Kind::Hardlink,
+            b'2' => Kind::Symlink,
+            b'3' => Kind::Char,
+            b'4' => Kind::Block,
+            b'5' => Kind::Dir,
+            b'6' => Kind::Fifo,
+            other => {
+                return Err(ArchiveError::UnsupportedType {
+                    path: self.current.clone(),
+                    typeflag: char::from(other),
+                });
+            }
+        };
+        let block = header.as_bytes();
+        let num = |range, what: &str| field(block, range, what).map_err(|r| self.malformed(r));
+        let id = |pax: Option<u64>, range, what: &str| {
+            let v = match pax {
+                Some(v) => v,
+                None => num(range, what)?,
+            };
+            u32::try_from(v).map_err(|_| self.malformed(format!("{what} {v} is out of range")))
+        };
+        let uid = id(pax.uid, 108..116, "uid")?;
+        let gid = id(pax.gid, 116..124, "gid")?;
+        let mode = num(100..108, "mode")? as u32 & 0o7777;
+        let seconds = |s: u64| Time {
+            sec: i64::try_from(s).unwrap_or(i64::MAX),
+            nsec: 0,
+        };
+        let mtime = match pax.mtime {
+            Some(t) => t,
+            None => seconds(num(136..148, "mtime")?),
+        };
+        // Only GNU headers have an atime field there (ustar keeps a name prefix).
+        let atime = match pax.atime {
+            Some(t) => Some(t),
+            None if header.as_gnu().is_some() && block[345] != 0 => {
+                Some(seconds(num(345..357, "atime")?))
+            }
+            None => None,
+        };
+        let (mut major, mut minor) = (0, 0);
+        if matches!(kind, Kind::Char | Kind::Block) {
+            let dev = |range, what| {
+                let v = num(range, what)?;
+                u32::try_from(v).map_err(|_| self.malformed(format!("{what} {v} is out of range")))
+            };
+            major = dev(329..337, "device major")?;
+            minor = dev(337..345, "device minor")?;
+        }
+        // Header-only types carry no data whatever their size field says
+        // (POSIX, and Go's archive/tar which containerd uses).
+        let data = match kind {
+            Kind::File => pax.size.unwrap_or(size),
+            _ => 0,
+        };
+        self.remaining = data;
+        self.padding = self.padding_for(data)?;
+
+        let mut file_size = data;
+        let mut sparse = None;
+        if typeflag == b'S' {
+            let (map, real) = self.gnu_sparse_map(header)?;
+            file_size = real;
+            sparse = Some(map);
+        } else if kind == Kind::File
+            && let Some((map, real)) = self.pax_sparse_map(&pax)?
+        {
+            file_size = real;
+            sparse = Some(map);
+        }
+        if let Some(map) = &sparse {
+            self.check_sparse(map, file_size)?;
+        }
+        Ok(Entry {
+            name,
+            link,
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+            atime,
+            major,
+            minor,
+            xattrs: pax.xattrs,
+            size: file_size,
+            sparse,
+        })
+    }
+
+    /// The old GNU sparse map: four slots in the header, then extension
+    /// blocks of 21 while the "is extended" flag is set.
+    fn gnu_sparse_map(&mut self, header: &Header) -> Result<(Vec<Segment>, u64), ArchiveError> {
+        let Some(gnu) = header.as_gnu() else {
+            return Err(self.malformed("GNU sparse entry without a GNU header"));
+        };
+        let mut map = Vec::new();
+        for s in &gnu.sparse {
+            if s.offset[0] == 0 {
+                break;
+            }
+            map.push(self.segment(&s.offset, &s.numbytes)?);
+        }
+        let real = gnu
+            .real_size()
+            .map_err(|e| self.malformed(format!("bad sparse real size: {e}")))?;
+        let mut extended = gnu.isextended[0] != 0;
+        while extended {
+            let mut block = [0u8; BLOCK as usize];
+            if !self.read_block(&mut block)? {
+                return Err(self.truncated("sparse extension header is missing"));
+            }
+            for slot in block[..504].chunks_exact(24) {
+                if slot[0] == 0 {
+                    break;
+                }
+                map.push(self.segment(&slot[..12], &slot[12..])?);
+                if map.len() as u64 > MAX_META / 24 {
+                    return Err(self.malformed("sparse map is too large"));
+                }
+            }
+            extended = block[504] != 0;
+        }
+        Ok((map, real))
+    }
+
+    fn segment(&self, offset: &[u8], len: &[u8]) -> Result<Segment, ArchiveError> {
+        match (parse_numeric(offset), parse_numeric(len)) {
+            (Some(offset), Some(len)) => Ok(Segment { offset, len }),
+            _ => Err(self.malformed("bad sparse map entry")),
+        }
+    }
+
+    /// The PAX sparse formats 0.0, 0.1 and 1.0 written by GNU tar; detected
+    /// the way Go's archive/tar does, and unknown versions are read as
+    /// plain files like it does.
+    fn pax_sparse_map(&mut self, pax: &Pax) -> Result<Option<(Vec<Segment>, u64)>, ArchiveError> {
+        let format: Vec<u8> = match (&pax.sparse_major, &pax.sparse_minor) {
+            (Some(ma), Some(mi)) => [ma.as_slice(), b".", mi.as_slice()].concat(),
+            _ if pax.sparse_name.is_some() && pax.sparse_map.is_some() => b"0.1".to_vec(),
+            _ if pax.sparse_size.is_some() => b"0.0".to_vec(),
+            _ => return Ok(None),
+        };
+        let real = match pax.sparse_size.or(pax.sparse_realsize) {
+            Some(r) => r,
+            None => return Err(self.malformed("sparse file without GNU.sparse size")),
+        };
+        let numbers: Vec<u64> = match format.as_slice() {
+            b"0.0" | b"0.1" => {
+                if let Some(m) = &pax.sparse_map {
+                    let mut v = Vec::new();
+                    for n in m.split(|&b| b == b',') {
+                        v.push(
+                            parse_decimal(n).ok_or_else(|| self.malformed("bad GNU.sparse.map"))?,
+                        );
+                    }
+                    v
+                } else {
+                    pax.sparse_pairs.clone()
+                }
+            }
+            b"1.0" => self.sparse_map_1_0()?,
+            _ => return Ok(None),
+        };
+        if !numbers.len().is_multiple_of(2) {
+            return Err(self.malformed("sparse map has an odd number of values"));
+        }
+        let map = numbers
+            .chunks_exact(2)
+            .map(|p| Segment {
+                offset: p[0],
+                len: p[1],
+            })
+            .collect();
+        Ok(Some((map, real)))
+    }
+
+    /// Format 1.0 keeps the map at the start of the data: decimal numbers,
+    /// one per line (count, then offset/size pairs), padded to a block.
+    fn sparse_map_1_0(&mut self) -> Result<Vec<u64>, ArchiveError> {
+        let mut text = Vec::new();
+        let mut pos = 0;
+        let count = self.map_number(&mut text, &mut pos)?;
+        if count > MAX_META / 4 {
+            return Err(self.malformed("sparse map is too large"));
+        }
+        let mut numbers = Vec::new();
+        for _ in 0..count * 2 {
+            numbers.push(self.map_number(&mut text, &mut pos)?);
+        }
+        Ok(numbers)
+    }
+
+    fn map_number(&mut self, text: &mut Vec<u8>, pos: &mut usize) -> Result<u64, ArchiveError> {
+        loop {
+            if let Some(nl) = text[*pos..].iter().position(|&b| b == b'\n') {
+                let n = parse_decimal(&text[*pos..*pos + nl])
+                    .ok_or_else(|| self.malformed("bad number in sparse map"))?;
+                *pos += nl + 1;
+                return Ok(n);
+            }
+            if text.len() as u64 >= MAX_META {
+                return Err(self.malformed("sparse map is too large"));
+            }
+            // The map is whole blocks of the data section.
+            let mut block = [0u8; BLOCK as usize];
+            let mut got = 0;
+            while got < block.len() {
+                let n = self.read_data(&mut block[got..])?;
+                if n == 0 {
+                    return Err(self.malformed("sparse map runs past the entry data"));
+                }
+                got += n;
+            }
+            text.extend_from_slice(&block);
+        }
+    }
+
+    fn check_sparse(&self, map: &[Segment], real: u64) -> Result<(), ArchiveError> {
+        let mut end = 0u64;
+        let mut total = 0u64;
+        for s in map {
+            let seg_end = s.offset.checked_add(s.len);
+            match seg_end {
+                Some(e) if s.offset >= end && e <= real => end = e,
+                _ => {
+                    return Err(
+                        self.malformed("sparse map entries overlap or exceed the file size")
+                    );
+                }
+            }
+            total = total.saturating_add(s.len);
+        }
+        if total != self.remaining {
+            return Err(self.malformed(format!(
+                "sparse map covers {total} bytes but the entry holds {}",
+                self.remaining
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads the current entry's data; `Ok(0)` once all of it was read.
+    pub fn read_data(&mut self, buf: &mut [u8]) -> Result<usize, ArchiveError> {
+        if self.remaining == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let n = loop {
+            match io::Read::read(&mut self.inner, &mut buf[..want]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.stream(e)),
+            }
+        };
+        if n == 0 {
+            return Err(self.truncated(&format!("data ends {} bytes early", self.remaining)));
+        }
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+
+    /// Skips what is left of the current entry: its data, then its padding
+    /// (a stream that ends inside the final padding is accepted, as Go does).
+    fn skip_rest(&mut self) -> Result<(), ArchiveError> {
+        let data = std::mem::take(&mut self.remaining);
+        if self.discard(data)? < data {
+            return Err(self.truncated(&format!("data ends {data} bytes early")));
+        }
+        let pad = std::mem::take(&mut self.padding);
+        self.discard(pad)?;
+        Ok(())
+    }
+
+    /// Bytes of padding after `size` bytes of data.
+    fn padding_for(&self, size: u64) -> Result<u64, ArchiveError> {
+        size.checked_next_multiple_of(BLOCK)
+            .map(|end| end - size)
+            .ok_or_else(|| self.malformed(format!("size {size} is too large")))
+    }
+
+    fn skip(&mut self, size: u64) -> Result<(), ArchiveError> {
+        self.remaining = size;
+        self.padding = self.padding_for(size)?;
+        self.skip_rest()
+    }
+
+    /// Discards up to `n` bytes; returns how many there were.
+    fn discard(&mut self, mut n: u64) -> Result<u64, ArchiveError> {
+        let start = n;
+        while n > 0 {
+            let avail = match self.inner.fill_buf() {
+                Ok(b) => b.len(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.stream(e)),
+            };
+            if avail == 0 {
+                break;
+            }
+            let k = avail.min(usize::try_from(n).unwrap_or(usize::MAX));
+            self.inner.consume(k);
+            n -= k as u64;
+        }
+        Ok(start - n)
+    }
+
+    /// Reads one 512-byte block; `false` on a clean end of stream.
+    fn read_block(&mut self, block: &mut [u8; BLOCK as usize]) -> Result<bool, ArchiveError> {
+        let mut got = 0;
+        while got < block.len() {
+            match io::Read::read(&mut self.inner, &mut block[got..]) {
+                Ok(0) if got == 0 => return Ok(false),
+                Ok(0) => return Err(self.truncated("a header block is cut short")),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.stream(e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads a bounded metadata entry's data (PAX records, GNU long names).
+    fn read_meta(&mut self, size: u64, what: &str) -> Result<Vec<u8>, ArchiveError> {
+        if size > MAX_META {
+            return Err(self.malformed(format!("{what} of {size} bytes is too large")));
+        }
+        self.remaining = size;
+        self.padding = self.padding_for(size)?;
+        let mut data = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < data.len() {
+            got += self.read_data(&mut data[got..])?;
+        }
+        self.skip_rest()?;
+        Ok(data)
+    }
+
+    fn stream(&self, e: io::Error) -> ArchiveError {
+        stream_error(e, self.compression).unwrap_or_else(|e| ArchiveError::Io {
+            op: "reading layer".into(),
+            path: self.current.clone(),
+            source: e,
+        })
+    }
+
+    fn truncated(&self, reason: &str) -> ArchiveError {
+        ArchiveError::Truncated {
+            path: self.current.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn malformed(&self, reason: impl Into<String>) -> ArchiveError {
+        malformed(&self.current, reason)
+    }
+}
+
+fn malformed(path: &str, reason: impl Into<String>) -> ArchiveError {
+    ArchiveError::Malformed {
+        path: path.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Header checksum: the byte sum with the checksum field read as spaces.
+/// Some old writers summed signed bytes; both are accepted, as Go does.
+fn check_sum(block: &[u8; BLOCK as usize]) -> Result<(), String> {
+    let field = &block[148..156];
+    let stored = parse_numeric(field).ok_or("bad checksum field")?;
+    let (mut unsigned, mut signed) = (0u64, 0i64);
+    for (i, &b) in block.iter().enumerate() {
+        let b = if (148..156).contains(&i) { b' ' } else { b };
+        unsigned += u64::from(b);
+        signed += i64::from(b as i8);
+    }
+    if stored == unsigned || i64::try_from(stored).is_ok_and(|s| s == signed) {
+        Ok(())
+    } else {
+        Err(format!(
+            "header checksum mismatch (stored {stored}, computed {unsigned}); not a tar stream?"
+        ))
+    }
+}
+
+/// A numeric header field; an empty field (all NULs or spaces) is zero,
+/// as old writers leave unused fields blank.
+fn field(block: &[u8], range: std::ops::Range<usize>, what: &str) -> Result<u64, String> {
+    let f = &block[range];
+    if f.iter().all(|&b| b == 0 || b == b' ') {
+        return Ok(0);
+    }
+    parse_numeric(f).ok_or_else(|| format!("bad {what} field {:?}", String::from_utf8_lossy(f)))
+}
+
+fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
+    if let Some(i) = v.iter().position(|&b| b == 0) {
+        v.truncate(i);
+    }
+    v
+}
+
+/// A numeric header field: octal (space/NUL padded) or GNU base-256.
+pub(super) fn parse_numeric(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|&b| b & 0x80 != 0) {
+        // Negative base-256 values are not meaningful for these fields.
+        if field[0] & 0x40 != 0 {
+            return None;
+        }
+        let mut v: u64 = u64::from(field[0] & 0x3f);
+        for &b in &field[1..] {
+            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
+        }
+        return Some(v);
+    }
+    let trimmed: &[u8] = {
+        let start = field.iter().position(|&b| b != b' ' && b != 0)?;
+        let rest = &field[start..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b' ' || b == 0)
+            .unwrap_or(rest.len());
+        &rest[..end]
+    };
+    let mut v: u64 = 0;
+    for &b in trimmed {
+        if !(b'0'..=b'7').contains(&b) {
+            return None;
+        }
+        v = v.checked_mul(8)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(v)
+}
+
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &b in s {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(v)
+}
+
+/// A PAX time, `[-]seconds[.fraction]`. Times before the epoch (or past
+/// what nanoseconds in an i64 can hold) become the epoch, as containerd
+/// bounds them.
+fn parse_pax_time(s: &[u8]) -> Option<Time> {
+    let (neg, s) = match s.strip_prefix(b"-") {
+        Some(rest) => (true, rest),
+        None => (false, s),
+    };
+    let (secs, frac) = match s.iter().position(|&b| b == b'.') {
+        Some(i) => (&s[..i], &s[i + 1..]),
+        None => (s, &b""[..]),
+    };
+    let sec = parse_decimal(secs)?;
+    if !frac.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut nsec: u32 = 0;
+    for i in 0..9 {
+        nsec = nsec * 10 + frac.get(i).map_or(0, |&b| u32::from(b - b'0'));
+    }
+    if neg || sec > (i64::MAX as u64) / 1_000_000_000 {
+        return Some(Time::default());
+    }
+    Some(Time {
+        sec: sec as i64,
+        nsec,
+    })
+}
+
+/// Parses PAX records (`"<len> <key>=<value>\n"`) by their length prefix,
+/// so values may hold any byte, newlines included.
+fn parse_pax(data: &[u8], pax: &mut Pax) -> Result<(), String> {
+    let mut rest = data;
+    while !rest.is_empty() {
+        // Some writers pad the record block with NULs.
+        if rest.iter().all(|&b| b == 0) {
+            break;
+        }
+        let sp = rest
+            .iter()
+            .take(21)
+            .position(|&b| b == b' ')
+            .ok_or("PAX record without a length")?;
+        let len = parse_decimal(&rest[..sp]).ok_or("bad PAX record length")? as usize;
+        if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
+            return Err("bad PAX record length".into());
+        }
+        let record = &rest[sp + 1..len - 1];
+        let eq = record
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or("PAX record without '='")?;
+        pax_record(&record[..eq], &record[eq + 1..], pax)?;
+        rest = &rest[len..];
+    }
+    Ok(())
+}
+
+fn pax_record(key: &[u8], value: &[u8], pax: &mut Pax) -> Result<(), String> {
+    let key_str = String::from_utf8_lossy(key);
+    let num = || parse_decimal(value).ok_or_else(|| format!("bad PAX {key_str} value"));
+    let time = || parse_pax_time(value).ok_or_else(|| format!("bad PAX {key_str} value"));
+    match key {
+        b"path" => pax.path = Some(value.to_vec()),
+        b"linkpath" => pax.linkpath = Some(value.to_vec()),
+        b"size" => pax.size = Some(num()?),
+        b"uid" => pax.uid = Some(num()?),
+        b"gid" => pax.gid = Some(num()?),
+        b"mtime" => pax.mtime = Some(time()?),
+        b"atime" => pax.atime = Some(time()?),
+        b"GNU.sparse.major" => pax.sparse_major = Some(value.to_vec()),
+        b"GNU.sparse.minor" => pax.sparse_minor = Some(value.to_vec()),
+        b"GNU.sparse.name" => pax.sparse_name = Some(value.to_vec()),
+        b"GNU.sparse.map" => pax.sparse_map = Some(value.to_vec()),
+        b"GNU.sparse.size" => pax.sparse_size = Some(num()?),
+        b"GNU.sparse.realsize" => pax.sparse_realsize = Some(num()?),
+        b"GNU.sparse.offset" | b"GNU.sparse.numbytes" => {
+            if pax.sparse_pairs.len() as u64 >= MAX_META / 8 {
+                return Err("sparse map is too large".into());
+            }
+            pax.sparse_pairs.push(num()?);
+        }
+        _ => {
+            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                if name.is_empty() || name.contains(&0) {
+                    return Err("bad xattr name in PAX header".into());
+                }
+                pax.xattrs.retain(|(n, _)| n.as_slice() != name);
+                pax.xattrs.push((name.to_vec(), value.to_vec()));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_records_keep_binary_values() {
+        let value = b"\x01\x00\x00\x02\x0a\x00\x00\x00";
+        let mut rec = Vec::new();
+        for (k, v) in [
+            (&b"SCHILY.xattr.security.capability"[..], &value[..]),
+            (b"path", b"a/b"),
+            (b"mtime", b"1700000000.5"),
+        ] {
+            let body = [k, b"=", v, b"\n"].concat();
+            let mut len = body.len() + 2;
+            while format!("{len} ").len() + body.len() != len {
+                len += 1;
+            }
+            rec.extend_from_slice(format!("{len} ").as_bytes());
+            rec.extend_from_slice(&body);
+        }
+        let mut pax = Pax::default();
+        parse_pax(&rec, &mut pax).unwrap();
+        assert_eq!(
+            pax.xattrs,
+            vec![(b"security.capability".to_vec(), value.to_vec())]
+        );
+        assert_eq!(pax.path.as_deref(), Some(&b"a/b"[..]));
+        assert_eq!(
+            pax.mtime,
+            Some(Time {
+                sec: 1_700_000_000,
+                nsec: 500_000_000
+            })
+        );
+        assert!(parse_pax(b"99 path=x\n", &mut Pax::default()).is_err());
+        assert!(parse_pax(b"9 pathx\n", &mut Pax::default()).is_err());
+    }
+
+    #[test]
+    fn pax_times() {
+        let t = |s: &str| parse_pax_time(s.as_bytes());
+        assert_eq!(t("12"), Some(Time { sec: 12, nsec: 0 }));
+        assert_eq!(
+            t("12.123456789123"),
+            Some(Time {
+                sec: 12,
+                nsec: 123_456_789
+            })
+        );
+        assert_eq!(
+            t("12.03"),
+            Some(Time {
+                sec: 12,
+                nsec: 30_000_000
+            })
+        );
+        assert_eq!(t("-5.5"), Some(Time::default()));
+        assert_eq!(t("x"), None);
+        assert_eq!(t("1.x"), None);
+    }
+
+    #[test]
+    fn numeric_fields() {
+        assert_eq!(parse_numeric(b"0000644\0"), Some(0o644));
+        assert_eq!(parse_numeric(b"  644 \0"), Some(0o644));
+        assert_eq!(parse_numeric(b"\0\0\0\0"), None);
+        assert_eq!(parse_numeric(&[0x80, 0, 0, 0, 0, 0, 0x01, 0x00]), Some(256));
+        assert_eq!(parse_numeric(b"0009"), None);
+    }
+}

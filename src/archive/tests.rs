@@ -1,0 +1,1957 @@
+//! Layer-apply tests: layers are built in memory with `tar::Builder` or
+//! hand-made headers, applied into temp dirs, and the resulting tree is
+//! compared with the expected one. Tests that need root (chown, device
+//! nodes, trusted.* xattrs, overlay mounts) end in `_as_root` and return
+//! early otherwise.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::unistd::{Whence, lseek};
+use tar::{EntryType, Header};
+use tempfile::TempDir;
+
+use super::*;
+
+const MTIME: u64 = 1_600_000_000;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: this test needs root");
+            return;
+        }
+    };
+}
+
+/// A unique path under /tmp that no test creates on the host: hostile
+/// layers aim at it and the tests check it never appears.
+fn unique_tmp(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "/tmp/hoist-archive-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+// ---------------------------------------------------------------- layers
+
+/// Per-entry header fields.
+#[derive(Clone)]
+struct E {
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: u64,
+}
+
+impl Default for E {
+    fn default() -> Self {
+        E {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: MTIME,
+        }
+    }
+}
+
+fn m(mode: u32) -> E {
+    E {
+        mode,
+        ..E::default()
+    }
+}
+
+fn own(mode: u32, uid: u64, gid: u64) -> E {
+    E {
+        mode,
+        uid,
+        gid,
+        ..E::default()
+    }
+}
+
+struct Layer {
+    b: tar::Builder<Vec<u8>>,
+}
+
+impl Layer {
+    fn new() -> Self {
+        Layer {
+            b: tar::Builder::new(Vec::new()),
+        }
+    }
+
+    fn header(kind: EntryType, e: &E) -> Header {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(e.mode);
+        h.set_uid(e.uid);
+        h.set_gid(e.gid);
+        h.set_mtime(e.mtime);
+        h.set_size(0);
+        h
+    }
+
+    fn dir(mut self, path: &str, e: E) -> Self {
+        let mut h = Self::header(EntryType::Directory, &e);
+        self.b.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+
+    fn file(mut self, path: &str, e: E, data: &[u8]) -> Self {
+        let mut h = Self::header(EntryType::Regular, &e);
+        h.set_size(data.len() as u64);
+        self.b.append_data(&mut h, path, data).unwrap();
+        self
+    }
+
+    fn symlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = Self::header(EntryType::Symlink, &m(0o777));
+        self.b.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    fn hardlink(mut self, path: &str, target: &str, e: E) -> Self {
+        let mut h = Self::header(EntryType::Link, &e);
+        self.b.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    fn node(mut self, path: &str, kind: EntryType, dev: (u32, u32), e: E) -> Self {
+        let mut h = Self::header(kind, &e);
+        h.set_device_major(dev.0).unwrap();
+        h.set_device_minor(dev.1).unwrap();
+        self.b.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+
+    fn whiteout(self, path: &str) -> Self {
+        self.file(path, m(0o644), b"")
+    }
+
+    fn pax(mut self, records: &[(&str, &[u8])]) -> Self {
+        self.b
+            .append_pax_extensions(records.iter().map(|(k, v)| (*k, *v)))
+            .unwrap();
+        self
+    }
+
+    /// An entry whose name (and link name) bytes are written as given,
+    /// bypassing the builder's own path checks: for hostile layers.
+    fn raw(self, kind: EntryType, name: &[u8], link: &[u8], data: &[u8]) -> Self {
+        self.raw_flag(kind.as_byte(), name, link, data)
+    }
+
+    /// Like `raw` with the type flag byte as given (the crate maps a NUL
+    /// flag to '0').
+    fn raw_flag(mut self, flag: u8, name: &[u8], link: &[u8], data: &[u8]) -> Self {
+        let mut h = Self::header(EntryType::Regular, &m(0o644));
+        h.as_old_mut().linkflag = [flag];
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        self.b.append(&h, data).unwrap();
+        self
+    }
+
+    /// Raw bytes (hand-made headers) appended to the stream.
+    fn bytes(mut self, raw: &[u8]) -> Self {
+        self.b.get_mut().extend_from_slice(raw);
+        self
+    }
+
+    fn finish(self) -> Vec<u8> {
+        self.b.into_inner().unwrap()
+    }
+}
+
+fn pad(v: &mut Vec<u8>) {
+    v.resize(v.len().next_multiple_of(512), 0);
+}
+
+// ---------------------------------------------------------------- applying
+
+fn plain() -> ApplyOptions {
+    ApplyOptions::default()
+}
+
+fn overlay(lowers: &[&Path]) -> ApplyOptions {
+    ApplyOptions {
+        whiteouts: WhiteoutMode::Overlay {
+            userxattr: false,
+            lowers: lowers.iter().map(|p| p.to_path_buf()).collect(),
+        },
+    }
+}
+
+fn apply(root: &Path, tar: &[u8], opts: &ApplyOptions) -> Result<Applied, ArchiveError> {
+    apply_layer(root, tar, Compression::None, opts)
+}
+
+fn apply_ok(root: &Path, tar: &[u8], opts: &ApplyOptions) -> Applied {
+    match apply(root, tar, opts) {
+        Ok(a) => a,
+        Err(e) => panic!("apply failed: {e}"),
+    }
+}
+
+fn mkdir(base: &Path, name: &str) -> PathBuf {
+    let p = base.join(name);
+    fs::create_dir_all(&p).unwrap();
+    p
+}
+
+// ---------------------------------------------------------------- trees
+
+fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut out = BTreeMap::new();
+    for name in safe::llistxattr(&c).unwrap() {
+        let v = safe::lgetxattr(&c, &name).unwrap().unwrap_or_default();
+        out.insert(String::from_utf8_lossy(&name).into_owned(), v);
+    }
+    out
+}
+
+fn printable(v: &[u8]) -> String {
+    if v.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        String::from_utf8_lossy(v).into_owned()
+    } else {
+        format!("0x{}", hex::encode(v))
+    }
+}
+
+/// One line per entry below `root`, sorted: type, path, mode, owner,
+/// content or target or device, and xattrs.
+fn render(root: &Path) -> Vec<String> {
+    render_with(root, true)
+}
+
+fn render_with(root: &Path, owners: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    walk(root, root, owners, &mut out);
+    out.sort();
+    out
+}
+
+fn walk(root: &Path, dir: &Path, owners: bool, out: &mut Vec<String>) {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    for name in names {
+        let p = dir.join(&name);
+        let rel = p.strip_prefix(root).unwrap().display().to_string();
+        let md = fs::symlink_metadata(&p).unwrap();
+        let ft = md.file_type();
+        let mode = md.mode() & 0o7777;
+        let owner = if owners {
+            format!(" {}:{}", md.uid(), md.gid())
+        } else {
+            String::new()
+        };
+        let mut line = if ft.is_dir() {
+            format!("d {rel} {mode:o}{owner}")
+        } else if ft.is_file() {
+            let data = fs::read(&p).unwrap();
+            let content = if data.len() <= 40 && std::str::from_utf8(&data).is_ok() {
+                format!("{:?}", String::from_utf8_lossy(&data))
+            } else {
+                format!(
+                    "len={} {}",
+                    data.len(),
+                    &crate::digest::Digest::of(&data).hex()[..12]
+                )
+            };
+            format!("f {rel} {mode:o}{owner} {content}")
+        } else if ft.is_symlink() {
+            let t = fs::read_link(&p).unwrap();
+            format!("l {rel} -> {}{owner}", t.display())
+        } else if ft.is_char_device() || ft.is_block_device() {
+            let c = if ft.is_char_device() { 'c' } else { 'b' };
+            let (ma, mi) = (
+                nix::sys::stat::major(md.rdev()),
+                nix::sys::stat::minor(md.rdev()),
+            );
+            format!("{c} {rel} {ma}:{mi} {mode:o}{owner}")
+        } else if ft.is_fifo() {
+            format!("p {rel} {mode:o}{owner}")
+        } else {
+            format!("? {rel}")
+        };
+        let x = xattrs(&p);
+        if !x.is_empty() {
+            let parts: Vec<String> = x
+                .iter()
+                .map(|(k, v)| format!("{k}={}", printable(v)))
+                .collect();
+            line.push_str(&format!(" x[{}]", parts.join(",")));
+        }
+        out.push(line);
+        if ft.is_dir() {
+            walk(root, &p, owners, out);
+        }
+    }
+}
+
+fn lines(v: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+fn mtime(p: &Path) -> (i64, i64) {
+    let md = fs::symlink_metadata(p).unwrap();
+    (md.mtime(), md.mtime_nsec())
+}
+
+fn atime(p: &Path) -> (i64, i64) {
+    let md = fs::symlink_metadata(p).unwrap();
+    (md.atime(), md.atime_nsec())
+}
+
+fn ino(p: &Path) -> u64 {
+    fs::symlink_metadata(p).unwrap().ino()
+}
+
+// ---------------------------------------------------------------- overlay mounts
+
+struct Mounted {
+    merged: PathBuf,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.merged, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn mount_overlay(tmp: &Path, lowers: &[&Path], upper: &Path, extra: &str) -> nix::Result<Mounted> {
+    let work = mkdir(tmp, "work");
+    let merged = mkdir(tmp, "merged");
+    let lowerdir: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}{extra}",
+        lowerdir.join(":"),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )?;
+    Ok(Mounted { merged })
+}
+
+// ================================================================ basic tree
+
+#[test]
+fn plain_basic_tree_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let tar = Layer::new()
+        .dir("etc", m(0o755))
+        .file("etc/hosts", m(0o644), b"127.0.0.1 localhost\n")
+        .dir("home", m(0o755))
+        .dir("home/user", own(0o700, 1000, 1000))
+        .file(
+            "home/user/.profile",
+            own(0o600, 1000, 1000),
+            b"export A=1\n",
+        )
+        .symlink("etc/localtime", "/usr/share/zoneinfo/UTC")
+        .hardlink("etc/hosts.bak", "etc/hosts", m(0o644))
+        .dir("dev", m(0o755))
+        .node("dev/null", EntryType::Char, (1, 3), m(0o666))
+        .node("dev/loop0", EntryType::Block, (7, 0), own(0o660, 0, 6))
+        .node("dev/fifo", EntryType::Fifo, (0, 0), m(0o620))
+        .finish();
+    let applied = apply_ok(&root, &tar, &plain());
+    assert_eq!(applied.entries, 11);
+    assert_eq!(
+        render(&root),
+        lines(&[
+            "d dev 755 0:0",
+            "c dev/null 1:3 666 0:0",
+            "b dev/loop0 7:0 660 0:6",
+            "p dev/fifo 620 0:0",
+            "d etc 755 0:0",
+            "f etc/hosts 644 0:0 \"127.0.0.1 localhost\\n\"",
+            "f etc/hosts.bak 644 0:0 \"127.0.0.1 localhost\\n\"",
+            "l etc/localtime -> /usr/share/zoneinfo/UTC 0:0",
+            "d home 755 0:0",
+            "d home/user 700 1000:1000",
+            "f home/user/.profile 600 1000:1000 \"export A=1\\n\"",
+        ])
+    );
+    assert_eq!(
+        ino(&root.join("etc/hosts")),
+        ino(&root.join("etc/hosts.bak"))
+    );
+    assert_eq!(fs::metadata(root.join("etc/hosts")).unwrap().nlink(), 2);
+}
+
+#[test]
+fn missing_parents_are_created_0755_root_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let tar = Layer::new()
+        .file("a/b/c/file", own(0o640, 5, 6), b"x")
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    assert_eq!(
+        render(&root),
+        lines(&[
+            "d a 755 0:0",
+            "d a/b 755 0:0",
+            "d a/b/c 755 0:0",
+            "f a/b/c/file 640 5:6 \"x\"",
+        ])
+    );
+}
+
+#[test]
+fn modes_setuid_setgid_sticky_survive_chown_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let tar = Layer::new()
+        .dir("bin", m(0o755))
+        .file("bin/su", own(0o4755, 0, 0), b"su")
+        .file("bin/mine", own(0o4750, 1000, 1000), b"mine")
+        .file("bin/wall", own(0o2755, 0, 5), b"wall")
+        .dir("tmp", m(0o1777))
+        .dir("shared", own(0o2775, 33, 33))
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    assert_eq!(
+        render(&root),
+        lines(&[
+            "d bin 755 0:0",
+            "f bin/su 4755 0:0 \"su\"",
+            "f bin/mine 4750 1000:1000 \"mine\"",
+            "f bin/wall 2755 0:5 \"wall\"",
+            "d tmp 1777 0:0",
+            "d shared 2775 33:33",
+        ])
+    );
+}
+
+#[test]
+fn mtimes_with_nanoseconds_and_directory_times_after_children() {
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let tar = Layer::new()
+        .pax(&[("mtime", b"1500000000.123456789")])
+        .dir("d", m(0o755))
+        .pax(&[("mtime", b"1500000001.5"), ("atime", b"1600000002.25")])
+        .file("d/f", m(0o644), b"data")
+        .pax(&[("mtime", b"1500000003.000000007")])
+        .symlink("d/link", "f")
+        .dir(
+            "d/sub",
+            E {
+                mtime: 1_400_000_000,
+                ..m(0o755)
+            },
+        )
+        .file("d/sub/g", m(0o644), b"g")
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    assert_eq!(mtime(&root.join("d")), (1_500_000_000, 123_456_789));
+    assert_eq!(mtime(&root.join("d/f")), (1_500_000_001, 500_000_000));
+    assert_eq!(atime(&root.join("d/f")), (1_600_000_002, 250_000_000));
+    // The symlink's own time, set without following it to d/f.
+    assert_eq!(mtime(&root.join("d/link")), (1_500_000_003, 7));
+    assert_eq!(mtime(&root.join("d/sub")), (1_400_000_000, 0));
+    assert_eq!(mtime(&root.join("d/sub/g")), (MTIME as i64, 0));
+    // Without a later atime, atime is the mtime (containerd).
+    assert_eq!(atime(&root.join("d/sub/g")), (MTIME as i64, 0));
+}
+
+#[test]
+fn pax_long_names_and_large_ids_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let long_dir = format!("{}/{}", "d".repeat(90), "e".repeat(90));
+    let gnu_long = format!("{long_dir}/{}", "g".repeat(120));
+    let pax_long = format!("{long_dir}/{}", "p".repeat(150));
+    let long_target = format!("/{}", "t".repeat(200));
+    let tar = Layer::new()
+        .dir(&long_dir, m(0o755))
+        // The builder emits a GNU long name ('L') for this one.
+        .file(&gnu_long, own(0o644, 3_000_000, 4_000_000), b"gnu")
+        .pax(&[
+            ("path", pax_long.as_bytes()),
+            ("uid", b"3000001"),
+            ("gid", b"4000001"),
+        ])
+        .file("placeholder", m(0o600), b"pax")
+        // A GNU long link ('K') for the target.
+        .symlink("lk", &long_target)
+        .pax(&[("linkpath", b"/pax/link/target")])
+        .symlink("lp", "short")
+        // A ustar name split over the prefix and name fields.
+        .bytes(&ustar_entry(
+            &format!("{}/{}", "u".repeat(80), "v".repeat(60)),
+            b"ustar",
+        ))
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    let u = root.join("u".repeat(80)).join("v".repeat(60));
+    assert_eq!(fs::read(u).unwrap(), b"ustar");
+    let g = root.join(&gnu_long);
+    let p = root.join(&pax_long);
+    assert_eq!(fs::read(&g).unwrap(), b"gnu");
+    assert_eq!(fs::read(&p).unwrap(), b"pax");
+    let (gm, pm) = (fs::metadata(&g).unwrap(), fs::metadata(&p).unwrap());
+    assert_eq!((gm.uid(), gm.gid()), (3_000_000, 4_000_000));
+    assert_eq!(
+        (pm.uid(), pm.gid(), pm.mode() & 0o7777),
+        (3_000_001, 4_000_001, 0o600)
+    );
+    assert!(!root.join("placeholder").exists());
+    assert_eq!(
+        fs::read_link(root.join("lk")).unwrap(),
+        Path::new(&long_target)
+    );
+    assert_eq!(
+        fs::read_link(root.join("lp")).unwrap(),
+        Path::new("/pax/link/target")
+    );
+}
+
+/// A v2 `security.capability` value whose permitted set (CAP_DAC_OVERRIDE
+/// and CAP_FOWNER) is the byte 0x0a: a newline inside a PAX value.
+fn capability_with_newline() -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&0x0200_0001u32.to_le_bytes()); // revision 2, effective
+    v.extend_from_slice(&0x0000_000au32.to_le_bytes()); // permitted[0]
+    v.extend_from_slice(&0u32.to_le_bytes()); // inheritable[0]
+    v.extend_from_slice(&0u32.to_le_bytes()); // permitted[1]
+    v.extend_from_slice(&0u32.to_le_bytes()); // inheritable[1]
+    v
+}
+
+#[test]
+fn xattrs_including_binary_capability_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let cap = capability_with_newline();
+    let tar = Layer::new()
+        .pax(&[
+            ("SCHILY.xattr.security.capability", &cap),
+            ("SCHILY.xattr.user.note", b"hello"),
+        ])
+        // Owned by a non-root user: the chown must come before the
+        // capability, which chown would clear.
+        .file("ping", own(0o4755, 1000, 1000), b"ping")
+        .pax(&[
+            ("SCHILY.xattr.trusted.t", b"v"),
+            ("SCHILY.xattr.user.d", b""),
+        ])
+        .dir("d", m(0o755))
+        .pax(&[("SCHILY.xattr.trusted.sym", b"s")])
+        .symlink("l", "ping")
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    let x = xattrs(&root.join("ping"));
+    assert_eq!(x.get("security.capability"), Some(&cap));
+    assert_eq!(x.get("user.note").map(Vec::as_slice), Some(&b"hello"[..]));
+    assert_eq!(
+        render(&root),
+        lines(&[
+            &format!(
+                "f ping 4755 1000:1000 \"ping\" x[security.capability=0x{},user.note=hello]",
+                hex::encode(&cap)
+            ),
+            "d d 755 0:0 x[trusted.t=v,user.d=]",
+            "l l -> ping 0:0 x[trusted.sym=s]",
+        ])
+    );
+}
+
+// ================================================================ replacing
+
+#[test]
+fn replacing_entries_of_another_type_plain_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let outside = unique_tmp("replace");
+    let base = Layer::new()
+        .dir("d", m(0o755))
+        .file("d/x", m(0o644), b"x")
+        .dir("d/y", m(0o755))
+        .file("d/y/z", m(0o644), b"z")
+        .file("f", m(0o644), b"file")
+        .symlink("s", &outside)
+        .dir("e", own(0o700, 9, 9))
+        .file("e/keep", m(0o644), b"keep")
+        .finish();
+    apply_ok(&root, &base, &plain());
+    let layer = Layer::new()
+        .file("d", m(0o600), b"now a file")
+        .dir("f", m(0o750))
+        .file("f/inner", m(0o644), b"inner")
+        .file("s", m(0o644), b"not through the link")
+        .dir("e", own(0o755, 5, 5))
+        .finish();
+    apply_ok(&root, &layer, &plain());
+    assert_eq!(
+        render(&root),
+        lines(&[
+            "f d 600 0:0 \"now a file\"",
+            "d f 750 0:0",
+            "f f/inner 644 0:0 \"inner\"",
+            "f s 644 0:0 \"not through the link\"",
+            "d e 755 5:5",
+            "f e/keep 644 0:0 \"keep\"",
+        ])
+    );
+    assert!(!Path::new(&outside).exists());
+}
+
+// ================================================================ whiteouts, plain
+
+#[test]
+fn plain_whiteout_of_file_and_dir_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let base = Layer::new()
+        .file("a", m(0o644), b"a")
+        .dir("d", m(0o755))
+        .file("d/x", m(0o644), b"x")
+        .dir("d/y", m(0o755))
+        .file("d/y/z", m(0o644), b"z")
+        .file("keep", m(0o644), b"keep")
+        .finish();
+    apply_ok(&root, &base, &plain());
+    let layer = Layer::new()
+        .whiteout(".wh.a")
+        .whiteout(".wh.d")
+        .whiteout(".wh.never-existed")
+        .whiteout("missing/dir/.wh.x")
+        .finish();
+    apply_ok(&root, &layer, &plain());
+    assert_eq!(render(&root), lines(&["f keep 644 0:0 \"keep\""]));
+}
+
+fn opaque_base() -> Vec<u8> {
+    Layer::new()
+        .dir("d", m(0o755))
+        .file("d/old", m(0o644), b"old")
+        .dir("d/sub", m(0o755))
+        .file("d/sub/old2", m(0o644), b"old2")
+        .file("other", m(0o644), b"other")
+        .finish()
+}
+
+fn opaque_layer(marker_first: bool) -> Vec<u8> {
+    let mut l = Layer::new().dir("d", m(0o755));
+    if marker_first {
+        l = l.whiteout("d/.wh..wh..opq");
+    }
+    l = l
+        .file("d/new", m(0o644), b"new")
+        .dir("d/sub", m(0o755))
+        .file("d/sub/new2", m(0o644), b"new2");
+    if !marker_first {
+        l = l.whiteout("d/.wh..wh..opq");
+    }
+    l.finish()
+}
+
+#[test]
+fn plain_opaque_dir_in_either_entry_order_as_root() {
+    require_root!();
+    for marker_first in [true, false] {
+        let tmp = TempDir::new().unwrap();
+        let root = mkdir(tmp.path(), "root");
+        apply_ok(&root, &opaque_base(), &plain());
+        apply_ok(&root, &opaque_layer(marker_first), &plain());
+        assert_eq!(
+            render(&root),
+            lines(&[
+                "d d 755 0:0",
+                "f d/new 644 0:0 \"new\"",
+                "d d/sub 755 0:0",
+                "f d/sub/new2 644 0:0 \"new2\"",
+                "f other 644 0:0 \"other\"",
+            ]),
+            "marker first: {marker_first}"
+        );
+    }
+}
+
+#[test]
+fn plain_whiteout_after_same_layer_entries_keeps_them_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    apply_ok(&root, &opaque_base(), &plain());
+    // Whiteouts hide lower layers only (image-spec), whatever the order.
+    let layer = Layer::new()
+        .file("d/new", m(0o644), b"new")
+        .whiteout(".wh.d")
+        .file("other", m(0o600), b"rewritten")
+        .whiteout(".wh.other")
+        .finish();
+    apply_ok(&root, &layer, &plain());
+    assert_eq!(
+        render(&root),
+        lines(&[
+            "d d 755 0:0",
+            "f d/new 644 0:0 \"new\"",
+            "f other 600 0:0 \"rewritten\"",
+        ])
+    );
+}
+
+#[test]
+fn old_style_type_flags_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let tar = Layer::new()
+        .raw_flag(0, b"olddir/", b"", b"")
+        .raw_flag(0, b"olddir/oldfile", b"", b"v7")
+        .raw(EntryType::new(b'7'), b"contiguous", b"", b"c")
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    assert_eq!(
+        render(&root),
+        lines(&[
+            "d olddir 644 0:0",
+            "f olddir/oldfile 644 0:0 \"v7\"",
+            "f contiguous 644 0:0 \"c\"",
+        ])
+    );
+}
+
+#[test]
+fn root_entry_and_aufs_metadata_are_skipped_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let tar = Layer::new()
+        .raw(EntryType::Directory, b"./", b"", b"")
+        .dir(".wh..wh.plnk", m(0o700))
+        .file(".wh..wh.plnk/123.456", m(0o644), b"aufs")
+        .file("a", m(0o644), b"a")
+        .finish();
+    let applied = apply_ok(&root, &tar, &plain());
+    assert_eq!(applied.entries, 4);
+    assert_eq!(render(&root), lines(&["f a 644 0:0 \"a\""]));
+}
+
+// ================================================================ whiteouts, overlay
+
+/// Applies `base` as a lower (plain), `layer` into an upper (overlay mode),
+/// and mounts the result.
+struct Stack {
+    tmp: TempDir,
+    lower: PathBuf,
+    upper: PathBuf,
+}
+
+impl Stack {
+    fn new(base: &[u8]) -> Self {
+        let tmp = TempDir::new().unwrap();
+        let lower = mkdir(tmp.path(), "lower");
+        let upper = mkdir(tmp.path(), "upper");
+        apply_ok(&lower, base, &plain());
+        Stack { tmp, lower, upper }
+    }
+
+    fn apply(&self, layer: &[u8]) {
+        apply_ok(&self.upper, layer, &overlay(&[&self.lower]));
+    }
+
+    fn mount(&self) -> Mounted {
+        mount_overlay(self.tmp.path(), &[&self.lower], &self.upper, "").unwrap()
+    }
+}
+
+#[test]
+fn overlay_whiteout_of_file_and_dir_as_root() {
+    require_root!();
+    let base = Layer::new()
+        .file("a", m(0o644), b"a")
+        .dir("d", m(0o755))
+        .file("d/x", m(0o644), b"x")
+        .dir("p", m(0o755))
+        .file("p/gone", m(0o644), b"gone")
+        .file("p/stays", m(0o644), b"stays")
+        .file("keep", m(0o644), b"keep")
+        .finish();
+    let s = Stack::new(&base);
+    s.apply(
+        &Layer::new()
+            .whiteout(".wh.a")
+            .whiteout(".wh.d")
+            .whiteout("p/.wh.gone")
+            .finish(),
+    );
+    assert_eq!(
+        render(&s.upper),
+        lines(&[
+            "c a 0:0 0 0:0",
+            "c d 0:0 0 0:0",
+            "d p 755 0:0",
+            "c p/gone 0:0 0 0:0",
+        ])
+    );
+    let mnt = s.mount();
+    assert_eq!(
+        render(&mnt.merged),
+        lines(&[
+            "f keep 644 0:0 \"keep\"",
+            "d p 755 0:0",
+            "f p/stays 644 0:0 \"stays\"",
+        ])
+    );
+}
+
+#[test]
+fn overlay_opaque_dir_in_either_entry_order_as_root() {
+    require_root!();
+    for marker_first in [true, false] {
+        let s = Stack::new(&opaque_base());
+        s.apply(&opaque_layer(marker_first));
+        assert_eq!(
+            render(&s.upper),
+            lines(&[
+                "d d 755 0:0 x[trusted.overlay.opaque=y]",
+                "f d/new 644 0:0 \"new\"",
+                "d d/sub 755 0:0",
+                "f d/sub/new2 644 0:0 \"new2\"",
+            ]),
+            "marker first: {marker_first}"
+        );
+        let mnt = s.mount();
+        assert_eq!(
+            render(&mnt.merged),
+            lines(&[
+                "d d 755 0:0",
+                "f d/new 644 0:0 \"new\"",
+                "d d/sub 755 0:0",
+                "f d/sub/new2 644 0:0 \"new2\"",
+                "f other 644 0:0 \"other\"",
+            ]),
+            "marker first: {marker_first}"
+        );
+    }
+}
+
+#[test]
+fn overlay_userxattr_opaque_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let lower = mkdir(tmp.path(), "lower");
+    let upper = mkdir(tmp.path(), "upper");
+    apply_ok(&lower, &opaque_base(), &plain());
+    let opts = ApplyOptions {
+        whiteouts: WhiteoutMode::Overlay {
+            userxattr: true,
+            lowers: vec![lower.clone()],
+        },
+    };
+    apply_ok(&upper, &opaque_layer(true), &opts);
+    assert_eq!(
+        xattrs(&upper.join("d"))
+            .get("user.overlay.opaque")
+            .map(Vec::as_slice),
+        Some(&b"y"[..])
+    );
+    assert!(!xattrs(&upper.join("d")).contains_key("trusted.overlay.opaque"));
+    match mount_overlay(tmp.path(), &[&lower], &upper, ",userxattr") {
+        Ok(mnt) => {
+            let mut names: Vec<_> = fs::read_dir(mnt.merged.join("d"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["new", "sub"]);
+        }
+        Err(e) => eprintln!("overlay userxattr mount unsupported here ({e}); upper checked only"),
+    }
+}
+
+#[test]
+fn overlay_replacing_file_by_dir_and_dir_by_file_as_root() {
+    require_root!();
+    let base = Layer::new()
+        .file("f", m(0o644), b"file")
+        .dir("g", m(0o755))
+        .file("g/x", m(0o644), b"x")
+        .finish();
+    let s = Stack::new(&base);
+    s.apply(
+        &Layer::new()
+            .dir("f", m(0o750))
+            .file("f/inner", m(0o644), b"inner")
+            .file("g", m(0o600), b"now a file")
+            .finish(),
+    );
+    assert_eq!(
+        render(&s.upper),
+        lines(&[
+            "d f 750 0:0",
+            "f f/inner 644 0:0 \"inner\"",
+            "f g 600 0:0 \"now a file\"",
+        ])
+    );
+    let mnt = s.mount();
+    assert_eq!(render(&mnt.merged), render(&s.upper));
+}
+
+#[test]
+fn overlay_recreated_dir_after_whiteout_is_opaque_as_root() {
+    require_root!();
+    let s = Stack::new(&opaque_base());
+    s.apply(
+        &Layer::new()
+            .whiteout(".wh.d")
+            .dir("d", m(0o700))
+            .file("d/new", m(0o644), b"new")
+            .whiteout(".wh.other")
+            .file("other/inside", m(0o644), b"inside")
+            .finish(),
+    );
+    assert_eq!(
+        render(&s.upper),
+        lines(&[
+            "d d 700 0:0 x[trusted.overlay.opaque=y]",
+            "f d/new 644 0:0 \"new\"",
+            "d other 755 0:0 x[trusted.overlay.opaque=y]",
+            "f other/inside 644 0:0 \"inside\"",
+        ])
+    );
+    let mnt = s.mount();
+    assert_eq!(
+        render(&mnt.merged),
+        lines(&[
+            "d d 700 0:0",
+            "f d/new 644 0:0 \"new\"",
+            "d other 755 0:0",
+            "f other/inside 644 0:0 \"inside\"",
+        ])
+    );
+}
+
+#[test]
+fn overlay_missing_parent_copied_from_lower_as_root() {
+    require_root!();
+    let base = Layer::new()
+        .pax(&[
+            ("mtime", b"1400000000.111111111"),
+            ("SCHILY.xattr.user.meta", b"1"),
+            ("SCHILY.xattr.trusted.overlay.origin", b"junk"),
+        ])
+        .dir("p", own(0o750, 1000, 1001))
+        .pax(&[("mtime", b"1400000002.222222222")])
+        .dir("p/q", own(0o2700, 7, 8))
+        .file("p/other", m(0o644), b"other")
+        .finish();
+    let s = Stack::new(&base);
+    s.apply(&Layer::new().file("p/q/new", m(0o644), b"new").finish());
+    assert_eq!(
+        render(&s.upper),
+        lines(&[
+            "d p 750 1000:1001 x[user.meta=1]",
+            "d p/q 2700 7:8",
+            "f p/q/new 644 0:0 \"new\"",
+        ])
+    );
+    assert_eq!(mtime(&s.upper.join("p")), (1_400_000_000, 111_111_111));
+    assert_eq!(mtime(&s.upper.join("p/q")), (1_400_000_002, 222_222_222));
+    let mnt = s.mount();
+    assert_eq!(
+        render(&mnt.merged),
+        lines(&[
+            "d p 750 1000:1001 x[user.meta=1]",
+            "f p/other 644 0:0 \"other\"",
+            "d p/q 2700 7:8",
+            "f p/q/new 644 0:0 \"new\"",
+        ])
+    );
+}
+
+#[test]
+fn overlay_parent_lookup_follows_the_merged_view_of_lowers_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let (l2, l1, upper) = (
+        mkdir(tmp.path(), "l2"),
+        mkdir(tmp.path(), "l1"),
+        mkdir(tmp.path(), "upper"),
+    );
+    apply_ok(
+        &l2,
+        &Layer::new()
+            .dir("a", m(0o711))
+            .dir("a/b", m(0o701))
+            .dir("x", m(0o700))
+            .dir("y", m(0o705))
+            .finish(),
+        &plain(),
+    );
+    // l1 is newer: `a` opaque without `b`, `x` whited out, `y` untouched.
+    apply_ok(
+        &l1,
+        &Layer::new()
+            .dir("a", m(0o750))
+            .whiteout("a/.wh..wh..opq")
+            .whiteout(".wh.x")
+            .finish(),
+        &overlay(&[&l2]),
+    );
+    apply_ok(
+        &upper,
+        &Layer::new()
+            .file("a/b/c", m(0o644), b"c")
+            .file("x/f", m(0o644), b"f")
+            .file("y/f", m(0o644), b"f")
+            .finish(),
+        &overlay(&[&l1, &l2]),
+    );
+    assert_eq!(
+        render(&upper),
+        lines(&[
+            "d a 750 0:0",
+            "d a/b 755 0:0",
+            "f a/b/c 644 0:0 \"c\"",
+            "d x 755 0:0",
+            "f x/f 644 0:0 \"f\"",
+            "d y 705 0:0",
+            "f y/f 644 0:0 \"f\"",
+        ])
+    );
+}
+
+#[test]
+fn overlay_hardlink_to_lower_file_is_copied_up_as_root() {
+    require_root!();
+    let sparse_size = 1 << 20;
+    let base = Layer::new()
+        .dir("bin", own(0o751, 2, 3))
+        .pax(&[("SCHILY.xattr.user.k", b"v"), ("mtime", b"1300000000.5")])
+        .file("bin/tool", own(0o4755, 7, 7), b"#!/bin/tool\n")
+        .bytes(&gnu_sparse_entry(
+            "bin/sparse",
+            sparse_size,
+            &[(65536, 4096)],
+        ))
+        .finish();
+    let s = Stack::new(&base);
+    s.apply(
+        &Layer::new()
+            .hardlink("bin/alias", "bin/tool", own(0o4755, 7, 7))
+            .hardlink("usr/sparse-link", "/bin/sparse", m(0o644))
+            .finish(),
+    );
+    let up = |p: &str| s.upper.join(p);
+    assert_eq!(ino(&up("bin/tool")), ino(&up("bin/alias")));
+    assert_eq!(ino(&up("bin/sparse")), ino(&up("usr/sparse-link")));
+    assert_eq!(
+        xattrs(&up("bin/tool")).get("user.k").map(Vec::as_slice),
+        Some(&b"v"[..])
+    );
+    // Copied up with the lower's metadata, then the link header's applied
+    // to the shared inode (as containerd applies every header).
+    assert_eq!(mtime(&up("bin/tool")), (MTIME as i64, 0));
+    let r = render(&s.upper);
+    assert!(r.contains(&"d bin 751 2:3".to_string()), "{r:#?}");
+    assert!(
+        r.contains(&"f bin/tool 4755 7:7 \"#!/bin/tool\\n\" x[user.k=v]".to_string()),
+        "{r:#?}"
+    );
+    assert_holes(&up("bin/sparse"), sparse_size, &[(65536, 4096)]);
+    let mnt = s.mount();
+    let mp = |p: &str| mnt.merged.join(p);
+    assert_eq!(fs::read(mp("bin/alias")).unwrap(), b"#!/bin/tool\n");
+    assert_eq!(ino(&mp("bin/tool")), ino(&mp("bin/alias")));
+    assert_eq!(fs::metadata(mp("bin/alias")).unwrap().nlink(), 2);
+    assert_eq!(
+        fs::metadata(mp("bin/alias")).unwrap().mode() & 0o7777,
+        0o4755
+    );
+}
+
+#[test]
+fn overlay_hardlink_to_a_hidden_lower_file_fails_as_root() {
+    require_root!();
+    let base = Layer::new()
+        .file("gone", m(0o644), b"gone")
+        .dir("d", m(0o755))
+        .file("d/old", m(0o644), b"old")
+        .finish();
+    for layer in [
+        Layer::new()
+            .whiteout(".wh.gone")
+            .hardlink("link", "gone", m(0o644)),
+        Layer::new()
+            .dir("d", m(0o755))
+            .whiteout("d/.wh..wh..opq")
+            .hardlink("link", "d/old", m(0o644)),
+    ] {
+        let s = Stack::new(&base);
+        let err = apply(&s.upper, &layer.finish(), &overlay(&[&s.lower])).unwrap_err();
+        assert!(
+            matches!(err, ArchiveError::Hardlink { ref reason, .. } if reason == "target does not exist"),
+            "{err}"
+        );
+        assert!(fs::symlink_metadata(s.upper.join("link")).is_err());
+    }
+}
+
+#[test]
+fn overlay_drops_overlay_xattrs_from_the_layer_as_root() {
+    require_root!();
+    let s = Stack::new(&opaque_base());
+    s.apply(
+        &Layer::new()
+            .pax(&[
+                ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+                ("SCHILY.xattr.trusted.overlay.redirect", b"/other"),
+                ("SCHILY.xattr.user.fine", b"1"),
+            ])
+            .dir("d", m(0o755))
+            .finish(),
+    );
+    assert_eq!(render(&s.upper), lines(&["d d 755 0:0 x[user.fine=1]"]));
+}
+
+#[test]
+fn plain_hardlink_in_tree_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    apply_ok(
+        &root,
+        &Layer::new()
+            .file("bin/tool", own(0o755, 7, 7), b"tool")
+            .finish(),
+        &plain(),
+    );
+    let layer = Layer::new()
+        .hardlink("bin/alias", "/bin/tool", own(0o755, 7, 7))
+        .finish();
+    assert_eq!(apply_ok(&root, &layer, &plain()).entries, 1);
+    assert_eq!(ino(&root.join("bin/tool")), ino(&root.join("bin/alias")));
+    let err = apply(
+        &root,
+        &Layer::new().hardlink("x", "bin", m(0o644)).finish(),
+        &plain(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ArchiveError::Hardlink { .. }), "{err}");
+    assert!(err.to_string().contains("directory"), "{err}");
+}
+
+// ================================================================ sparse files
+
+/// A GNU old-format sparse entry ('S'), with extension headers when there
+/// are more than four fragments. Fragment i is filled with b'a' + i.
+fn gnu_sparse_entry(name: &str, real: u64, segs: &[(u64, u64)]) -> Vec<u8> {
+    let data = sparse_data(segs);
+    let mut h = Header::new_gnu();
+    h.set_path(name).unwrap();
+    h.set_mode(0o644);
+    h.set_mtime(MTIME);
+    h.set_entry_type(EntryType::GNUSparse);
+    h.set_size(data.len() as u64);
+    let gnu = h.as_gnu_mut().unwrap();
+    for (slot, (o, l)) in gnu.sparse.iter_mut().zip(segs) {
+        slot.set_offset(*o);
+        slot.set_length(*l);
+    }
+    gnu.set_real_size(real);
+    gnu.set_is_extended(segs.len() > 4);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    let rest: Vec<_> = segs.iter().skip(4).collect();
+    let chunks: Vec<_> = rest.chunks(21).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let mut ext = tar::GnuExtSparseHeader::new();
+        for (slot, (o, l)) in ext.sparse_mut().iter_mut().zip(chunk.iter()) {
+            slot.set_offset(*o);
+            slot.set_length(*l);
+        }
+        ext.set_is_extended(i + 1 < chunks.len());
+        out.extend_from_slice(ext.as_bytes());
+    }
+    out.extend_from_slice(&data);
+    pad(&mut out);
+    out
+}
+
+fn sparse_data(segs: &[(u64, u64)]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (i, (_, l)) in segs.iter().enumerate() {
+        data.extend(std::iter::repeat_n(b'a' + i as u8, *l as usize));
+    }
+    data
+}
+
+/// A ustar header plus data for PAX-format entries built by hand.
+fn ustar_entry(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = Header::new_ustar();
+    h.set_path(name).unwrap();
+    h.set_mode(0o644);
+    h.set_mtime(MTIME);
+    h.set_entry_type(EntryType::Regular);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    pad(&mut out);
+    out
+}
+
+fn assert_holes(path: &Path, real: u64, segs: &[(u64, u64)]) {
+    let mut want = vec![0u8; real as usize];
+    for (i, (o, l)) in segs.iter().enumerate() {
+        want[*o as usize..(*o + *l) as usize].fill(b'a' + i as u8);
+    }
+    let mut got = Vec::new();
+    File::open(path).unwrap().read_to_end(&mut got).unwrap();
+    assert!(got == want, "{} content differs", path.display());
+    // Every 4 KiB-aligned gap between fragments must be a hole on disk.
+    let f = File::open(path).unwrap();
+    let mut gaps = Vec::new();
+    let mut at = 0;
+    for (o, l) in segs {
+        gaps.push((at, *o));
+        at = o + l;
+    }
+    gaps.push((at, real));
+    for (start, end) in gaps {
+        let (s, e) = (start.next_multiple_of(4096), end / 4096 * 4096);
+        if s >= e {
+            continue;
+        }
+        match lseek(f.as_fd(), s as i64, Whence::SeekData) {
+            Ok(next) => assert!(
+                next as u64 >= e,
+                "{}: data at {next} inside the hole {s}..{e}",
+                path.display()
+            ),
+            Err(nix::errno::Errno::ENXIO) => {}
+            Err(err) => panic!("SEEK_DATA: {err}"),
+        }
+    }
+    let blocks = fs::metadata(path).unwrap().blocks() * 512;
+    let data: u64 = segs.iter().map(|(_, l)| l).sum();
+    assert!(
+        blocks <= data + 64 * 1024,
+        "{} uses {blocks} bytes",
+        path.display()
+    );
+}
+
+const SEGS: [(u64, u64); 6] = [
+    (8192, 4096),
+    (65536, 8192),
+    (131072, 4096),
+    (262144, 4096),
+    (524288, 100),
+    (1048576 - 4096, 4096),
+];
+const REAL: u64 = 1048576 + 100;
+
+#[test]
+fn gnu_old_sparse_file_is_written_with_holes() {
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    // Six fragments: four in the header, two in an extension block.
+    let tar = Layer::new()
+        .bytes(&gnu_sparse_entry("sparse", REAL, &SEGS))
+        .file("after", m(0o644), b"after")
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    assert_holes(&root.join("sparse"), REAL, &SEGS);
+    assert_eq!(fs::read(root.join("after")).unwrap(), b"after");
+    // Beginning with data, ending exactly at the end.
+    let segs = [(0, 4096), (40960, 4096)];
+    let tar = Layer::new()
+        .bytes(&gnu_sparse_entry("s2", 45056, &segs))
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    assert_holes(&root.join("s2"), 45056, &segs);
+}
+
+#[test]
+fn pax_sparse_formats_are_written_with_holes() {
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let data = sparse_data(&SEGS);
+    let real = REAL.to_string();
+    let numblocks = SEGS.len().to_string();
+
+    // 0.0: repeated offset/numbytes records.
+    let mut recs: Vec<(String, Vec<u8>)> = vec![
+        ("GNU.sparse.size".into(), real.clone().into_bytes()),
+        (
+            "GNU.sparse.numblocks".into(),
+            numblocks.clone().into_bytes(),
+        ),
+    ];
+    for (o, l) in SEGS {
+        recs.push(("GNU.sparse.offset".into(), o.to_string().into_bytes()));
+        recs.push(("GNU.sparse.numbytes".into(), l.to_string().into_bytes()));
+    }
+    let recs0: Vec<(&str, &[u8])> = recs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+
+    // 0.1: one comma-separated map, real name in GNU.sparse.name.
+    let map: Vec<String> = SEGS
+        .iter()
+        .flat_map(|(o, l)| [o.to_string(), l.to_string()])
+        .collect();
+    let map = map.join(",");
+
+    // 1.0: the map at the start of the data, padded to a block.
+    let mut data10 = format!("{}\n", SEGS.len()).into_bytes();
+    for (o, l) in SEGS {
+        data10.extend_from_slice(format!("{o}\n{l}\n").as_bytes());
+    }
+    pad(&mut data10);
+    data10.extend_from_slice(&data);
+
+    let tar = Layer::new()
+        .pax(&recs0)
+        .bytes(&ustar_entry("s00", &data))
+        .pax(&[
+            ("GNU.sparse.size", real.as_bytes()),
+            ("GNU.sparse.numblocks", numblocks.as_bytes()),
+            ("GNU.sparse.name", b"s01"),
+            ("GNU.sparse.map", map.as_bytes()),
+        ])
+        .bytes(&ustar_entry("GNUSparseFile.1/s01", &data))
+        .pax(&[
+            ("GNU.sparse.major", b"1"),
+            ("GNU.sparse.minor", b"0"),
+            ("GNU.sparse.name", b"s10"),
+            ("GNU.sparse.realsize", real.as_bytes()),
+        ])
+        .bytes(&ustar_entry("GNUSparseFile.2/s10", &data10))
+        .file("after", m(0o644), b"after")
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    for name in ["s00", "s01", "s10"] {
+        assert_holes(&root.join(name), REAL, &SEGS);
+    }
+    assert!(!root.join("GNUSparseFile.1").exists());
+    assert_eq!(fs::read(root.join("after")).unwrap(), b"after");
+}
+
+#[test]
+fn bad_sparse_maps_are_errors() {
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    // Overlapping fragments.
+    let tar = Layer::new()
+        .bytes(&gnu_sparse_entry("s", 100_000, &[(0, 4096), (1000, 4096)]))
+        .finish();
+    let err = apply(&root, &tar, &plain()).unwrap_err();
+    assert!(
+        matches!(err, ArchiveError::Malformed { ref path, .. } if path == "s"),
+        "{err}"
+    );
+    // A map that covers more than the entry holds.
+    let tar = Layer::new()
+        .pax(&[
+            ("GNU.sparse.size", b"100000"),
+            ("GNU.sparse.map", b"0,9000"),
+            ("GNU.sparse.name", b"t"),
+        ])
+        .bytes(&ustar_entry("t", &[b'x'; 512]))
+        .finish();
+    let err = apply(&root, &tar, &plain()).unwrap_err();
+    assert!(
+        matches!(err, ArchiveError::Malformed { ref path, .. } if path == "t"),
+        "{err}"
+    );
+}
+
+// ================================================================ hostile layers
+
+/// A temp dir holding the root and, beside it, a sentinel that no layer
+/// may touch.
+struct Jail {
+    tmp: TempDir,
+    root: PathBuf,
+}
+
+impl Jail {
+    fn new() -> Self {
+        let tmp = TempDir::new().unwrap();
+        let root = mkdir(tmp.path(), "root");
+        fs::write(tmp.path().join("sentinel"), b"sentinel").unwrap();
+        mkdir(tmp.path(), "outside");
+        fs::write(tmp.path().join("outside/keep"), b"keep").unwrap();
+        Jail { tmp, root }
+    }
+
+    /// The temp dir outside the root holds exactly what `new` put there.
+    fn assert_outside_untouched(&self) {
+        let mut names: Vec<_> = fs::read_dir(self.tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["outside", "root", "sentinel"]);
+        assert_eq!(
+            fs::read(self.tmp.path().join("sentinel")).unwrap(),
+            b"sentinel"
+        );
+        let inside: Vec<_> = fs::read_dir(self.tmp.path().join("outside"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(inside, ["keep"]);
+        assert_eq!(
+            fs::read(self.tmp.path().join("outside/keep")).unwrap(),
+            b"keep"
+        );
+    }
+}
+
+#[test]
+fn hostile_dotdot_traversal_is_refused() {
+    for name in [
+        &b"../escape"[..],
+        b"a/../../escape",
+        b"./../sentinel",
+        b"../outside/keep",
+    ] {
+        let j = Jail::new();
+        let tar = Layer::new()
+            .dir("a", m(0o755))
+            .raw(EntryType::Regular, name, b"", b"pwned")
+            .finish();
+        let err = apply(&j.root, &tar, &plain()).unwrap_err();
+        assert!(
+            matches!(err, ArchiveError::Breakout { ref path, .. } if path.as_bytes() == name),
+            "{err}"
+        );
+        j.assert_outside_untouched();
+    }
+}
+
+#[test]
+fn hostile_absolute_paths_stay_inside_the_root() {
+    let j = Jail::new();
+    let host = unique_tmp("abs");
+    let outside_abs = j.tmp.path().join("outside/abs-file");
+    let tar = Layer::new()
+        .raw(
+            EntryType::Regular,
+            format!("{host}/file").as_bytes(),
+            b"",
+            b"in root",
+        )
+        .raw(
+            EntryType::Regular,
+            outside_abs.as_os_str().as_bytes(),
+            b"",
+            b"in root too",
+        )
+        .finish();
+    apply_ok(&j.root, &tar, &plain());
+    assert_eq!(
+        fs::read(j.root.join(&host[1..]).join("file")).unwrap(),
+        b"in root"
+    );
+    let inner = j.root.join(outside_abs.strip_prefix("/").unwrap());
+    assert_eq!(fs::read(inner).unwrap(), b"in root too");
+    assert!(!Path::new(&host).exists());
+    j.assert_outside_untouched();
+}
+
+#[test]
+fn hostile_symlink_then_file_through_it_is_confined() {
+    let j = Jail::new();
+    let host = unique_tmp("link");
+    let outside = j.tmp.path().join("outside");
+    let tar = Layer::new()
+        .symlink("link", &host)
+        .file("link/file", m(0o644), b"through link")
+        .symlink("up", "../../../../../../../../..")
+        .file("up/climbed", m(0o644), b"climbed")
+        .symlink("abs", outside.to_str().unwrap())
+        .file("abs/keep", m(0o644), b"overwritten?")
+        .symlink("tmp-link", "/tmp")
+        .dir(&format!("tmp-link/{}", &host[5..]), m(0o755))
+        .finish();
+    apply_ok(&j.root, &tar, &plain());
+    // RESOLVE_IN_ROOT semantics: every target is taken inside the root.
+    assert_eq!(
+        fs::read(j.root.join(&host[1..]).join("file")).unwrap(),
+        b"through link"
+    );
+    assert_eq!(fs::read(j.root.join("climbed")).unwrap(), b"climbed");
+    let inner = j.root.join(outside.strip_prefix("/").unwrap());
+    assert_eq!(fs::read(inner.join("keep")).unwrap(), b"overwritten?");
+    assert!(!Path::new(&host).exists());
+    j.assert_outside_untouched();
+}
+
+#[test]
+fn hostile_symlink_as_final_component_is_replaced_not_followed() {
+    let j = Jail::new();
+    let outside = j.tmp.path().join("outside");
+    let tar = Layer::new()
+        .symlink("f", outside.join("keep").to_str().unwrap())
+        .file("f", m(0o644), b"replaced")
+        .symlink("d", outside.to_str().unwrap())
+        .dir("d", m(0o755))
+        .file("d/new", m(0o644), b"new")
+        .finish();
+    apply_ok(&j.root, &tar, &plain());
+    assert_eq!(fs::read(j.root.join("f")).unwrap(), b"replaced");
+    assert!(fs::symlink_metadata(j.root.join("d")).unwrap().is_dir());
+    assert_eq!(fs::read(j.root.join("d/new")).unwrap(), b"new");
+    j.assert_outside_untouched();
+}
+
+#[test]
+fn hostile_hardlink_to_host_file_links_inside_or_fails() {
+    let j = Jail::new();
+    let host_ino = ino(Path::new("/etc/passwd"));
+    let host_nlink = fs::metadata("/etc/passwd").unwrap().nlink();
+    // Absent inside the root: an error, not the host file.
+    let err = apply(
+        &j.root,
+        &Layer::new()
+            .hardlink("pw", "/etc/passwd", m(0o644))
+            .finish(),
+        &plain(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ArchiveError::Hardlink { .. }), "{err}");
+    assert!(!j.root.join("pw").exists());
+    let sentinel = j.tmp.path().join("sentinel");
+    for target in [&b"../sentinel"[..], b"../../etc/passwd"] {
+        let tar = Layer::new()
+            .raw(EntryType::Link, b"pw", target, b"")
+            .finish();
+        let err = apply(&j.root, &tar, &plain()).unwrap_err();
+        assert!(matches!(err, ArchiveError::Hardlink { .. }), "{err}");
+    }
+    // Absolute host path of the sentinel: also taken inside the root.
+    let tar = Layer::new()
+        .raw(EntryType::Link, b"s", sentinel.as_os_str().as_bytes(), b"")
+        .finish();
+    assert!(apply(&j.root, &tar, &plain()).is_err());
+    // Present inside the root: linked there.
+    let tar = Layer::new()
+        .file("etc/passwd", m(0o644), b"root:x:0:0::/root:/bin/sh\n")
+        .hardlink("pw", "/etc/passwd", m(0o644))
+        .symlink("etc-link", "/etc")
+        .hardlink("pw2", "etc-link/../etc/passwd", m(0o644))
+        .finish();
+    apply_ok(&j.root, &tar, &plain());
+    let inner = ino(&j.root.join("etc/passwd"));
+    assert_eq!(ino(&j.root.join("pw")), inner);
+    assert_ne!(inner, host_ino);
+    assert_eq!(fs::metadata("/etc/passwd").unwrap().nlink(), host_nlink);
+    assert_eq!(fs::metadata(&sentinel).unwrap().nlink(), 1);
+    j.assert_outside_untouched();
+}
+
+#[test]
+fn hostile_whiteouts_cannot_delete_outside() {
+    let j = Jail::new();
+    let outside = j.tmp.path().join("outside");
+    for name in [
+        &b"../../.wh.sentinel"[..],
+        b"../.wh.sentinel",
+        b"a/../../.wh.outside",
+    ] {
+        let tar = Layer::new()
+            .raw(EntryType::Regular, name, b"", b"")
+            .finish();
+        let err = apply(&j.root, &tar, &plain()).unwrap_err();
+        assert!(matches!(err, ArchiveError::Breakout { .. }), "{err}");
+    }
+    for name in [&b".wh."[..], b"d/.wh.."] {
+        let tar = Layer::new()
+            .raw(EntryType::Regular, name, b"", b"")
+            .finish();
+        let err = apply(&j.root, &tar, &plain()).unwrap_err();
+        assert!(matches!(err, ArchiveError::InvalidWhiteout { .. }), "{err}");
+    }
+    // Through symlinks to the outside, and of a symlink to the outside
+    // (from a lower layer: whiteouts do not hit the same layer's entries).
+    let lower = Layer::new()
+        .symlink("out", outside.to_str().unwrap())
+        .finish();
+    apply_ok(&j.root, &lower, &plain());
+    let tar = Layer::new()
+        .whiteout("out/.wh.keep")
+        .symlink("parent", j.tmp.path().to_str().unwrap())
+        .whiteout("parent/.wh.sentinel")
+        .whiteout("parent/.wh.outside")
+        .symlink("dot", "..")
+        .whiteout("dot/.wh.sentinel")
+        .whiteout(".wh.out")
+        .finish();
+    apply_ok(&j.root, &tar, &plain());
+    assert!(fs::symlink_metadata(j.root.join("out")).is_err());
+    j.assert_outside_untouched();
+
+    // The same in overlay mode, where whiteouts create device nodes.
+    if is_root() {
+        let lower = j.tmp.path().join("outside");
+        let tar = Layer::new()
+            .symlink("o2", outside.to_str().unwrap())
+            .whiteout("o2/.wh.keep")
+            .finish();
+        apply_ok(&j.root, &tar, &overlay(&[&lower]));
+        j.assert_outside_untouched();
+    }
+}
+
+#[test]
+fn hostile_symlink_loops_are_errors() {
+    let j = Jail::new();
+    let tar = Layer::new()
+        .symlink("a", "b")
+        .symlink("b", "a")
+        .file("a/x", m(0o644), b"x")
+        .finish();
+    let err = apply(&j.root, &tar, &plain()).unwrap_err();
+    assert!(err.to_string().contains("symbolic links"), "{err}");
+    j.assert_outside_untouched();
+}
+
+#[test]
+fn directory_replaced_later_in_the_layer_by_a_file() {
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let tar = Layer::new()
+        .dir("d", m(0o755))
+        .dir("d/sub", m(0o755))
+        .file("d", m(0o644), b"file now")
+        .whiteout("d/.wh.sub")
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    assert_eq!(render_with(&root, false), lines(&["f d 644 \"file now\""]));
+}
+
+#[test]
+fn file_below_a_file_is_an_error() {
+    let j = Jail::new();
+    let tar = Layer::new()
+        .file("f", m(0o644), b"f")
+        .file("f/x", m(0o644), b"x")
+        .finish();
+    let err = apply(&j.root, &tar, &plain()).unwrap_err();
+    assert!(matches!(err, ArchiveError::NotADirectory { .. }), "{err}");
+    assert!(err.to_string().contains("/f"), "{err}");
+}
+
+// ================================================================ streams and digests
+
+fn sample_tar() -> Vec<u8> {
+    let mut tar = Layer::new()
+        .dir("d", m(0o755))
+        .file("d/a", m(0o644), &[7u8; 5000])
+        .file("d/b", m(0o644), b"b")
+        .finish();
+    // Writers often pad to a 10 KiB record: the digest covers the padding.
+    tar.resize(tar.len().next_multiple_of(10240), 0);
+    tar
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn zstd(data: &[u8]) -> Vec<u8> {
+    zstd::stream::encode_all(data, 3).unwrap()
+}
+
+#[test]
+fn diff_id_and_size_for_each_compression() {
+    let tar = sample_tar();
+    let want = crate::digest::Digest::of(&tar);
+    // Two gzip members, as some tools write.
+    let (h1, h2) = tar.split_at(3000);
+    let multi = [gzip(h1), gzip(h2)].concat();
+    for (compression, blob) in [
+        (Compression::None, tar.clone()),
+        (Compression::Gzip, gzip(&tar)),
+        (Compression::Gzip, multi),
+        (Compression::Zstd, zstd(&tar)),
+    ] {
+        let tmp = TempDir::new().unwrap();
+        let applied = apply_layer(tmp.path(), blob.as_slice(), compression, &plain()).unwrap();
+        assert_eq!(applied.diff_id, want, "{compression}");
+        assert_eq!(applied.uncompressed_size, tar.len() as u64, "{compression}");
+        assert_eq!(applied.entries, 3);
+        assert_eq!(fs::read(tmp.path().join("d/a")).unwrap(), vec![7u8; 5000]);
+        assert_eq!(fs::read(tmp.path().join("d/b")).unwrap(), b"b");
+    }
+}
+
+#[test]
+fn diff_id_covers_bytes_after_the_archive_end() {
+    let mut tar = sample_tar();
+    tar.extend_from_slice(b"trailing bytes after the end-of-archive blocks");
+    let tmp = TempDir::new().unwrap();
+    let applied = apply(tmp.path(), &tar, &plain()).unwrap();
+    assert_eq!(applied.diff_id, crate::digest::Digest::of(&tar));
+    assert_eq!(applied.uncompressed_size, tar.len() as u64);
+}
+
+#[test]
+fn corrupt_gzip_is_an_error() {
+    let tar = sample_tar();
+    let good = gzip(&tar);
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xff;
+    let mut bad_crc = good.clone();
+    let n = bad_crc.len();
+    bad_crc[n - 6] ^= 0xff; // inside the CRC32 trailer
+    for blob in [flipped, bad_crc, b"not gzip at all, just text".to_vec()] {
+        let tmp = TempDir::new().unwrap();
+        let err =
+            apply_layer(tmp.path(), blob.as_slice(), Compression::Gzip, &plain()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ArchiveError::Stream {
+                    compression: Compression::Gzip,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().starts_with("reading gzip layer stream: "),
+            "{err}"
+        );
+    }
+    // Cut short: the decompressor or the tar reader notices.
+    let tmp = TempDir::new().unwrap();
+    let half = &good[..good.len() / 2];
+    let err = apply_layer(tmp.path(), half, Compression::Gzip, &plain()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ArchiveError::Stream { .. } | ArchiveError::Truncated { .. }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn corrupt_or_truncated_zstd_is_an_error() {
+    let blob = zstd(&sample_tar());
+    let tmp = TempDir::new().unwrap();
+    let err = apply_layer(
+        tmp.path(),
+        &blob[..blob.len() / 2],
+        Compression::Zstd,
+        &plain(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ArchiveError::Stream {
+                compression: Compression::Zstd,
+                ..
+            } | ArchiveError::Truncated { .. }
+        ),
+        "{err:?}"
+    );
+    let tmp = TempDir::new().unwrap();
+    let err = apply_layer(
+        tmp.path(),
+        &b"\x28\xb5\x2f\xfdgarbage"[..],
+        Compression::Zstd,
+        &plain(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ArchiveError::Stream { .. }), "{err:?}");
+}
+
+#[test]
+fn truncated_tar_is_an_error_naming_the_entry() {
+    let tar = Layer::new()
+        .file("first", m(0o644), b"1")
+        .file("big", m(0o644), &[1u8; 4000])
+        .file("last", m(0o644), b"2")
+        .finish();
+    // Cut inside big's data.
+    let tmp = TempDir::new().unwrap();
+    let err = apply(tmp.path(), &tar[..512 * 3 + 100], &plain()).unwrap_err();
+    assert!(
+        matches!(err, ArchiveError::Truncated { ref path, .. } if path == "big"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("big"), "{err}");
+    // Cut inside the last header.
+    let last_header = 512 * 3 + 4096;
+    let tmp = TempDir::new().unwrap();
+    let err = apply(tmp.path(), &tar[..last_header + 200], &plain()).unwrap_err();
+    assert!(matches!(err, ArchiveError::Truncated { .. }), "{err:?}");
+    // A damaged header checksum.
+    let mut bad = tar.clone();
+    bad[last_header + 10] ^= 0x20;
+    let tmp = TempDir::new().unwrap();
+    let err = apply(tmp.path(), &bad, &plain()).unwrap_err();
+    assert!(matches!(err, ArchiveError::Malformed { .. }), "{err:?}");
+    assert!(err.to_string().contains("checksum"), "{err}");
+}
+
+#[test]
+fn unsupported_entry_type_is_an_error() {
+    let tmp = TempDir::new().unwrap();
+    let tar = Layer::new()
+        .raw(EntryType::new(b'V'), b"label", b"", b"")
+        .finish();
+    let err = apply(tmp.path(), &tar, &plain()).unwrap_err();
+    assert!(
+        matches!(err, ArchiveError::UnsupportedType { ref path, typeflag: 'V' } if path == "label"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn absurd_sizes_are_errors_not_panics() {
+    let tmp = TempDir::new().unwrap();
+    let tar = Layer::new()
+        .pax(&[("size", u64::MAX.to_string().as_bytes())])
+        .file("f", m(0o644), b"x")
+        .finish();
+    let err = apply(tmp.path(), &tar, &plain()).unwrap_err();
+    assert!(
+        matches!(err, ArchiveError::Malformed { ref path, .. } if path == "f"),
+        "{err:?}"
+    );
+    // A global header with a base-256 size near u64::MAX.
+    let mut h = Header::new_ustar();
+    h.set_entry_type(EntryType::XGlobalHeader);
+    h.as_old_mut().size = [
+        0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    ];
+    h.set_cksum();
+    let tar = Layer::new().bytes(h.as_bytes()).finish();
+    let err = apply(tmp.path(), &tar, &plain()).unwrap_err();
+    assert!(matches!(err, ArchiveError::Malformed { .. }), "{err:?}");
+}
+
+#[test]
+fn missing_root_or_lower_is_an_error() {
+    let tmp = TempDir::new().unwrap();
+    let tar = Layer::new().file("f", m(0o644), b"x").finish();
+    let err = apply(&tmp.path().join("nope"), &tar, &plain()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ArchiveError::Open {
+                what: "apply root",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let missing = tmp.path().join("no-lower");
+    let err = apply(tmp.path(), &tar, &overlay(&[&missing])).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ArchiveError::Open {
+                what: "overlay lower",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("no-lower"), "{err}");
+}
+
+/// A tiny deterministic generator, so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn damaged_layers_never_panic_or_escape() {
+    let layer = Layer::new()
+        .dir("d", m(0o755))
+        .pax(&[("SCHILY.xattr.user.x", b"1"), ("mtime", b"1.5")])
+        .file("d/f", m(0o644), &[3u8; 1500])
+        .symlink("d/l", "../f")
+        .hardlink("d/h", "d/f", m(0o644))
+        .file(&format!("{}/long", "n".repeat(120)), m(0o644), b"long")
+        .bytes(&gnu_sparse_entry("sp", 20000, &[(4096, 600), (12000, 100)]))
+        .whiteout("d/.wh.gone")
+        .finish();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..300 {
+        let mut bad = layer.clone();
+        for _ in 0..1 + rng.next() % 8 {
+            let i = (rng.next() % bad.len() as u64) as usize;
+            bad[i] = rng.next() as u8;
+        }
+        if round % 5 == 0 {
+            let cut = (rng.next() % bad.len() as u64) as usize;
+            bad.truncate(cut);
+        }
+        let j = Jail::new();
+        let gz = gzip(&bad);
+        // Odd rounds in overlay mode, with a lower outside the root.
+        let lower = j.tmp.path().join("outside");
+        let opts = if round % 2 == 1 {
+            overlay(&[&lower])
+        } else {
+            plain()
+        };
+        let _ = apply(&j.root, &bad, &opts);
+        let _ = apply_layer(&j.root, gz.as_slice(), Compression::Gzip, &opts);
+        j.assert_outside_untouched();
+    }
+}

@@ -1,0 +1,86 @@
+//! `hoist serve`: the CRI daemon's start-up, signals and shutdown.
+
+use crate::{Cli, Command, docker_config_path, init_logging};
+use anyhow::{Context, Result};
+use hoist::config::{Config, DEFAULT_HOSTS_DIR, DEFAULT_SOCKET, LogFormat};
+use hoist::cri::{Service, server};
+use hoist::metadata::Db;
+use hoist::pull::Puller;
+use hoist::remote::{CredentialSource, HostsConfig, RegistryClient, RemoteOptions};
+use hoist::root::{RootLock, default_root};
+use std::path::PathBuf;
+
+pub fn run(cli: Cli) -> Result<()> {
+    let Command::Serve {
+        config,
+        socket,
+        snapshotter,
+        hosts_dir,
+        log_format,
+    } = cli.command
+    else {
+        anyhow::bail!("not a serve command");
+    };
+    let explicit = config != std::path::Path::new(hoist::config::DEFAULT_CONFIG);
+    let file = Config::load(&config, explicit)?;
+    let json = match log_format.as_deref() {
+        Some("json") => true,
+        Some("text") => false,
+        Some(other) => anyhow::bail!("--log-format {other:?}: use text or json"),
+        None => file.log_format == Some(LogFormat::Json),
+    };
+    init_logging(json, "info");
+    let root = cli.root.or(file.root.clone()).unwrap_or_else(default_root);
+    let socket = socket
+        .or(file.socket.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let hosts_dir = hosts_dir
+        .or(file.registry.config_path.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_HOSTS_DIR));
+    let progress_timeout = file.progress_timeout().map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let _lock = RootLock::exclusive(&root, &socket)?;
+    let db = Db::open(&root).with_context(|| format!("opening hoist root {}", root.display()))?;
+    let snapshots =
+        hoist::snapshot::open(&db, snapshotter.as_deref().or(file.snapshotter.as_deref()))?;
+    let remote = RemoteOptions {
+        hosts: HostsConfig::new(Some(hosts_dir), false),
+        credentials: CredentialSource {
+            explicit: None,
+            docker_config: docker_config_path(),
+        },
+        progress_timeout,
+        ..Default::default()
+    };
+    let puller = Puller::new(
+        db,
+        RegistryClient::new(remote),
+        file.max_concurrent_downloads.unwrap_or(3),
+        Some(snapshots.clone()),
+    );
+    let service = Service::new(puller, snapshots.clone(), &file.pinned_images)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = server::bind(&socket)?;
+        tracing::info!(root = %root.display(), snapshotter = snapshots.name(), "hoist daemon ready");
+        server::serve(service, listener, &socket, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for signals; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}

@@ -1,0 +1,130 @@
+//! The daemon's configuration: a TOML file where every key is optional.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_CONFIG: &str = "/etc/hoist/config.toml";
+pub const DEFAULT_SOCKET: &str = "/run/hoist/hoist.sock";
+pub const DEFAULT_HOSTS_DIR: &str = "/etc/hoist/certs.d";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    /// containerd-style hosts.toml directory.
+    pub config_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub root: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub snapshotter: Option<String>,
+    #[serde(default)]
+    pub registry: Registry,
+    pub max_concurrent_downloads: Option<usize>,
+    /// A duration such as `5m` or `90s`.
+    pub pull_progress_timeout: Option<String>,
+    #[serde(default)]
+    pub pinned_images: Vec<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Reads `path`; a missing file at the default path means all defaults.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, Error> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default());
+            }
+            Err(source) => {
+                return Err(Error::Read {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let config: Config = toml::from_str(&text).map_err(|e| Error::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.progress_timeout().map_err(|message| Error::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    pub fn progress_timeout(&self) -> Result<Duration, String> {
+        match &self.pull_progress_timeout {
+            None => Ok(Duration::from_secs(300)),
+            Some(s) => humantime::parse_duration(s)
+                .map_err(|e| format!("pull_progress_timeout {s:?}: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_optional_and_unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        assert!(Config::load(&path, false).unwrap().root.is_none());
+        assert!(Config::load(&path, true).is_err());
+        std::fs::write(&path, "").unwrap();
+        let c = Config::load(&path, true).unwrap();
+        assert_eq!(c.progress_timeout().unwrap(), Duration::from_secs(300));
+        std::fs::write(
+            &path,
+            r#"
+root = "/x"
+socket = "/run/x.sock"
+snapshotter = "native"
+max_concurrent_downloads = 5
+pull_progress_timeout = "90s"
+pinned_images = ["registry.k8s.io/pause:3.10"]
+log_format = "json"
+[registry]
+config_path = "/etc/containerd/certs.d"
+"#,
+        )
+        .unwrap();
+        let c = Config::load(&path, true).unwrap();
+        assert_eq!(c.progress_timeout().unwrap(), Duration::from_secs(90));
+        assert_eq!(c.log_format, Some(LogFormat::Json));
+        assert_eq!(
+            c.registry.config_path.as_deref(),
+            Some(Path::new("/etc/containerd/certs.d"))
+        );
+        std::fs::write(&path, "rot = 1").unwrap();
+        let err = Config::load(&path, true).unwrap_err().to_string();
+        assert!(err.contains("config.toml") && err.contains("rot"), "{err}");
+        std::fs::write(&path, "pull_progress_timeout = \"soon\"").unwrap();
+        assert!(Config::load(&path, true).is_err());
+    }
+}

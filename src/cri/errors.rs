@@ -1,0 +1,100 @@
+//! The one place where hoist's errors become gRPC statuses.
+
+use crate::pull::Error as PullError;
+use crate::remote::Error as RemoteError;
+use tonic::{Code, Status};
+
+pub fn pull_status(e: &PullError) -> Status {
+    let msg = e.to_string();
+    let code = match e {
+        PullError::Reference(_) => Code::InvalidArgument,
+        PullError::Remote(r) => match r {
+            RemoteError::NotFound { .. } => Code::NotFound,
+            RemoteError::Denied { .. } => Code::PermissionDenied,
+            RemoteError::Unavailable { .. } => {
+                return Status::unavailable(format!("RegistryUnavailable: {msg}"));
+            }
+            RemoteError::NoProgress { .. } => Code::DeadlineExceeded,
+            RemoteError::Hosts(_) | RemoteError::Credentials(_) | RemoteError::Tls(_) => {
+                Code::FailedPrecondition
+            }
+            RemoteError::Protocol { .. } => Code::Unknown,
+            RemoteError::Content(c) => return content_status(c),
+        },
+        PullError::Image(i) => match i {
+            crate::images::Error::NoMatchingPlatform { .. } => Code::NotFound,
+            _ => Code::FailedPrecondition,
+        },
+        PullError::Content(c) => return content_status(c),
+        PullError::Metadata(_)
+        | PullError::Snapshot(_)
+        | PullError::Apply(_)
+        | PullError::Internal(_) => Code::Internal,
+    };
+    Status::new(code, msg)
+}
+
+pub fn content_status(e: &crate::content::Error) -> Status {
+    use crate::content::Error as C;
+    let code = match e {
+        C::NotFound(_) => Code::NotFound,
+        C::AlreadyExists(_) => Code::AlreadyExists,
+        C::Locked(_) => Code::Unavailable,
+        C::SizeMismatch { .. } | C::DigestMismatch { .. } => Code::DataLoss,
+        C::InvalidArgument(_) => Code::InvalidArgument,
+        C::Io { .. } | C::Database(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// Failures of the service's own bookkeeping.
+pub fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+pub fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn codes() {
+        let remote = |r| pull_status(&PullError::Remote(r));
+        let s = remote(RemoteError::NotFound {
+            registry: "r".into(),
+            what: "manifest x".into(),
+        });
+        assert_eq!(s.code(), Code::NotFound);
+        let s = remote(RemoteError::Unavailable {
+            registry: "r".into(),
+            message: "refused".into(),
+        });
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(
+            s.message().starts_with("RegistryUnavailable"),
+            "{}",
+            s.message()
+        );
+        let s = remote(RemoteError::Denied {
+            registry: "reg.example".into(),
+            what: "x".into(),
+            message: "401".into(),
+        });
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert!(s.message().contains("reg.example"));
+        let s = remote(RemoteError::NoProgress {
+            what: "blob".into(),
+            timeout: Duration::from_secs(1),
+        });
+        assert_eq!(s.code(), Code::DeadlineExceeded);
+        let bad = crate::reference::Reference::parse("UPPER").unwrap_err();
+        assert_eq!(
+            pull_status(&PullError::Reference(bad)).code(),
+            Code::InvalidArgument
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! The CRI v1 ImageService: a thin façade over the pull pipeline, image
+//! records and garbage collection, in containerd's `k8s.io` namespace.
+
+pub mod errors;
+pub mod records;
+pub mod server;
+
+use crate::metadata::{Db, NAMESPACE_CRI};
+use crate::pull::progress::Progress;
+use crate::pull::{PullOptions, Puller};
+use crate::remote::Credentials;
+use crate::snapshot::SnapshotRoot;
+use errors::{internal, invalid, pull_status};
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use k8s_cri::v1::image_service_server::ImageService;
+use k8s_cri::v1::*;
+use parking_lot::Mutex;
+use records::{ImageGroup, find, groups};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tonic::{Request, Response, Status};
+
+type PullFuture = Shared<BoxFuture<'static, Result<String, Status>>>;
+
+pub struct Service {
+    puller: Arc<Puller>,
+    db: Arc<Db>,
+    snapshots: Arc<SnapshotRoot>,
+    /// Normalised names of images that are never garbage: `pinned_images`.
+    pinned: HashSet<String>,
+    /// Identical pulls in flight share one.
+    inflight: Arc<Mutex<HashMap<String, PullFuture>>>,
+}
+
+impl Service {
+    pub fn new(
+        puller: Arc<Puller>,
+        snapshots: Arc<SnapshotRoot>,
+        pinned: &[String],
+    ) -> Result<Self, crate::reference::ReferenceError> {
+        let pinned = pinned
+            .iter()
+            .map(|p| crate::reference::Reference::parse(p).map(|r| r.to_string()))
+            .collect::<Result<_, _>>()?;
+        Ok(Service {
+            db: puller.db().clone(),
+            puller,
+            snapshots,
+            pinned,
+            inflight: Arc::default(),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Arc<Db>) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(internal)
+    }
+
+    async fn groups(&self) -> Result<Vec<ImageGroup>, Status> {
+        self.blocking(groups).await?.map_err(internal)
+    }
+
+    fn to_cri(&self, g: &ImageGroup) -> Image {
+        let pinned = g.names.iter().any(|n| self.pinned.contains(n));
+        g.to_cri(pinned)
+    }
+}
+
+/// One log line per RPC, with its outcome and duration (and never a secret:
+/// only the image name is logged).
+fn log_rpc<T>(rpc: &str, image: &str, started: Instant, result: &Result<T, Status>) {
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    match result {
+        Ok(_) => tracing::info!(rpc, image, duration_ms = ms, "ok"),
+        Err(s) => {
+            tracing::warn!(rpc, image, duration_ms = ms, code = ?s.code(), error = s.message(), "failed")
+        }
+    }
+}
+
+fn credentials(auth: Option<AuthConfig>) -> Result<Option<Credentials>, Status> {
+    let Some(a) = auth else { return Ok(None) };
+    let c = Credentials::from_fields(
+        &a.username,
+        &a.password,
+        &a.auth,
+        &a.identity_token,
+        &a.registry_token,
+    )
+    .map_err(invalid)?;
+    Ok((c != Credentials::Anonymous).then_some(c))
+}
+
+/// Pulls of one reference share a flight only with the same credentials.
+fn flight_key(reference: &str, auth: &Option<AuthConfig>) -> String {
+    let secret = auth
+        .as_ref()
+        .map(|a| {
+            crate::digest::Digest::of(
+                format!(
+                    "{}\0{}\0{}\0{}\0{}",
+                    a.username, a.password, a.auth, a.identity_token, a.registry_token
+                )
+                .as_bytes(),
+            )
+            .to_string()
+        })
+        .unwrap_or_default();
+    format!("{reference}\0{secret}")
+}
+
+#[tonic::async_trait]
+impl ImageService for Service {
+    async fn list_images(
+        &self,
+        request: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
+        let started = Instant::now();
+        let query = request
+            .into_inner()
+            .filter
+            .and_then(|f| f.image)
+            .map(|s| s.image)
+            .unwrap_or_default();
+        let result = async {
+            let groups = self.groups().await?;
+            let images = if query.is_empty() {
+                groups.iter().map(|g| self.to_cri(g)).collect()
+            } else {
+                find(&groups, &query)
+                    .map(|g| vec![self.to_cri(g)])
+                    .unwrap_or_default()
+            };
+            Ok(Response::new(ListImagesResponse { images }))
+        }
+        .await;
+        log_rpc("ListImages", &query, started, &result);
+        result
+    }
+
+    async fn image_status(
+        &self,
+        request: Request<ImageStatusRequest>,
+    ) -> Result<Response<ImageStatusResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let query = req.image.map(|s| s.image).unwrap_or_default();
+        let result = async {
+            let groups = self.groups().await?;
+            let Some(group) = find(&groups, &query).cloned() else {
+                return Ok(Response::new(ImageStatusResponse::default()));
+            };
+            let image = self.to_cri(&group);
+            let mut info = HashMap::new();
+            if req.verbose {
+                let verbose = self
+                    .blocking(move |db| records::verbose_info(db, &group))
+                    .await?
+                    .map_err(internal)?;
+                info.insert("info".to_string(), verbose);
+            }
+            Ok(Response::new(ImageStatusResponse {
+                image: Some(image),
+                info,
+            }))
+        }
+        .await;
+        log_rpc("ImageStatus", &query, started, &result);
+        result
+    }
+
+    async fn pull_image(
+        &self,
+        request: Request<PullImageRequest>,
+    ) -> Result<Response<PullImageResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let name = req
+            .image
+            .as_ref()
+            .map(|s| s.image.clone())
+            .unwrap_or_default();
+        let result = async {
+            let reference = crate::reference::Reference::parse(&name)
+                .map_err(invalid)?
+                .to_string();
+            let key = flight_key(&reference, &req.auth);
+            let credentials = credentials(req.auth)?;
+            let flight = {
+                let mut inflight = self.inflight.lock();
+                inflight
+                    .entry(key.clone())
+                    .or_insert_with(|| {
+                        let puller = self.puller.clone();
+                        let inflight = self.inflight.clone();
+                        let key = key.clone();
+                        async move {
+                            let options = PullOptions {
+                                credentials,
+                                ..Default::default()
+                            };
+                            let pulled = puller
+                                .pull(NAMESPACE_CRI, &reference, &options, &Progress::default())
+                                .await
+                                .map_err(|e| pull_status(&e));
+                            let recorded = match pulled {
+                                Ok(p) => {
+                                    let db = puller.db().clone();
+                                    tokio::task::spawn_blocking(move || records::record(&db, &p))
+                                        .await
+                                        .map_err(internal)
+                                        .and_then(|r| r.map_err(internal))
+                                }
+                                Err(e) => Err(e),
+                            };
+                            inflight.lock().remove(&key);
+                            recorded
+                        }
+                        .boxed()
+                        .shared()
+                    })
+                    .clone()
+            };
+            let image_ref = flight.await?;
+            Ok(Response::new(PullImageResponse { image_ref }))
+        }
+        .await;
+        log_rpc("PullImage", &name, started, &result);
+        result
+    }
+
+    async fn remove_image(
+        &self,
+        request: Request<RemoveImageRequest>,
+    ) -> Result<Response<RemoveImageResponse>, Status> {
+        let started = Instant::now();
+        let query = request
+            .into_inner()
+            .image
+            .map(|s| s.image)
+            .unwrap_or_default();
+        let result = async {
+            let groups = self.groups().await?;
+            if let Some(group) = find(&groups, &query).cloned() {
+                self.blocking(move |db| -> Result<(), Status> {
+                    for name in &group.names {
+                        match db.delete_image(NAMESPACE_CRI, name) {
+                            Ok(()) | Err(crate::metadata::Error::NotFound(_)) => {}
+                            Err(e) => return Err(internal(e)),
+                        }
+                    }
+                    crate::snapshot::garbage_collect(db).map_err(internal)?;
+                    Ok(())
+                })
+                .await??;
+            }
+            Ok(Response::new(RemoveImageResponse {}))
+        }
+        .await;
+        log_rpc("RemoveImage", &query, started, &result);
+        result
+    }
+
+    async fn image_fs_info(
+        &self,
+        _request: Request<ImageFsInfoRequest>,
+    ) -> Result<Response<ImageFsInfoResponse>, Status> {
+        let started = Instant::now();
+        let snapshots = self.snapshots.clone();
+        let result = async {
+            let usage = self
+                .blocking(move |db| records::filesystem_usage(db, &snapshots))
+                .await?
+                .map_err(internal)?;
+            let timestamp = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or(0);
+            let fs = FilesystemUsage {
+                timestamp,
+                fs_id: Some(FilesystemIdentifier {
+                    mountpoint: self.snapshots.path().display().to_string(),
+                }),
+                used_bytes: Some(UInt64Value { value: usage.size }),
+                inodes_used: Some(UInt64Value {
+                    value: usage.inodes,
+                }),
+            };
+            Ok(Response::new(ImageFsInfoResponse {
+                image_filesystems: vec![fs],
+                container_filesystems: Vec::new(),
+            }))
+        }
+        .await;
+        log_rpc("ImageFsInfo", "", started, &result);
+        result
+    }
+}

@@ -1,0 +1,240 @@
+//! How CRI sees image records: one image per config digest (its id), with
+//! every `repo:tag`, `repo@digest` and the id itself recorded as a name that
+//! points at the same target. The id, size and user are kept as labels at
+//! pull time, so listing never reads content.
+
+use crate::content::Labels;
+use crate::filters::Filter;
+use crate::images::stored::platform_image;
+use crate::metadata::images::Image as Record;
+use crate::metadata::{Db, NAMESPACE_CRI};
+use crate::pull::Pulled;
+use crate::reference::Reference;
+use crate::snapshot::{SnapshotRoot, Usage};
+use k8s_cri::v1::{Image, ImageSpec, Int64Value};
+use std::collections::BTreeMap;
+
+pub const LABEL_MANAGED: &str = "io.cri-containerd.image";
+pub const LABEL_ID: &str = "io.hoist.image.id";
+pub const LABEL_SIZE: &str = "io.hoist.image.size";
+pub const LABEL_USER: &str = "io.hoist.image.user";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Metadata(#[from] crate::metadata::Error),
+    #[error(transparent)]
+    Content(#[from] crate::content::Error),
+    #[error(transparent)]
+    Stored(#[from] crate::images::stored::Error),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::Error),
+    #[error("image {0}: nothing was fetched for this platform")]
+    NoManifest(String),
+}
+
+/// Records every name of a pulled image; returns its id (the config digest).
+pub fn record(db: &std::sync::Arc<Db>, pulled: &Pulled) -> Result<String, Error> {
+    let manifest = pulled
+        .manifests
+        .first()
+        .ok_or_else(|| Error::NoManifest(pulled.name.clone()))?;
+    let id = manifest.config.digest.to_string();
+    let size = manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
+    let store = db.content_store(NAMESPACE_CRI);
+    let config = crate::images::stored::read_all(&store, &manifest.config.digest)?;
+    let user = crate::images::parse_config(&manifest.config, &config)
+        .ok()
+        .and_then(|c| c.config)
+        .and_then(|c| c.user)
+        .unwrap_or_default();
+    let mut labels: Labels = [
+        (LABEL_MANAGED.to_string(), "managed".to_string()),
+        (LABEL_ID.to_string(), id.clone()),
+        (LABEL_SIZE.to_string(), size.to_string()),
+    ]
+    .into();
+    if !user.is_empty() {
+        labels.insert(LABEL_USER.to_string(), user);
+    }
+    let reference = Reference::parse(&pulled.name)
+        .map_err(|e| crate::metadata::Error::InvalidArgument(e.to_string()))?;
+    let by_digest = format!("{}@{}", reference.repository(), pulled.target.digest);
+    let mut names = vec![pulled.name.clone(), by_digest, id.clone()];
+    names.dedup();
+    for name in names {
+        let mut record = Record::new(name, pulled.target.clone());
+        record.labels = labels.clone();
+        db.put_image(NAMESPACE_CRI, record)?;
+    }
+    Ok(id)
+}
+
+/// All names of one image id.
+#[derive(Debug, Clone)]
+pub struct ImageGroup {
+    pub id: String,
+    pub names: Vec<String>,
+    pub labels: Labels,
+    pub target: crate::descriptor::Descriptor,
+}
+
+pub fn groups(db: &std::sync::Arc<Db>) -> Result<Vec<ImageGroup>, Error> {
+    let mut by_id: BTreeMap<String, ImageGroup> = BTreeMap::new();
+    for record in db.list_images(NAMESPACE_CRI, &Filter::default())? {
+        let Some(id) = record.labels.get(LABEL_ID).cloned() else {
+            continue;
+        };
+        by_id
+            .entry(id.clone())
+            .or_insert_with(|| ImageGroup {
+                id,
+                names: Vec::new(),
+                labels: record.labels.clone(),
+                target: record.target.clone(),
+            })
+            .names
+            .push(record.name);
+    }
+    Ok(by_id.into_values().collect())
+}
+
+/// Finds an image by id (`sha256:<hex>` or bare hex), by any tag or digest
+/// reference, or by a name without tag (meaning `:latest`).
+pub fn find<'a>(groups: &'a [ImageGroup], query: &str) -> Option<&'a ImageGroup> {
+    let query = query.trim();
+    if query.is_empty() {
+        return None;
+    }
+    let as_id = if query.len() == 64 && query.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Some(format!("sha256:{query}"))
+    } else if query.starts_with("sha256:") {
+        Some(query.to_string())
+    } else {
+        None
+    };
+    if let Some(id) = as_id {
+        return groups.iter().find(|g| g.id == id);
+    }
+    let name = Reference::parse(query).ok()?.to_string();
+    groups.iter().find(|g| g.names.contains(&name))
+}
+
+impl ImageGroup {
+    pub fn to_cri(&self, pinned: bool) -> Image {
+        let mut repo_tags = Vec::new();
+        let mut repo_digests = Vec::new();
+        for n in &self.names {
+            if n.contains('@') {
+                repo_digests.push(n.clone());
+            } else if !n.starts_with("sha256:") {
+                repo_tags.push(n.clone());
+            }
+        }
+        let (uid, username) = parse_user(
+            self.labels
+                .get(LABEL_USER)
+                .map(String::as_str)
+                .unwrap_or(""),
+        );
+        Image {
+            id: self.id.clone(),
+            repo_tags,
+            repo_digests,
+            size: self
+                .labels
+                .get(LABEL_SIZE)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+            uid: uid.map(|value| Int64Value { value }),
+            username,
+            spec: Some(ImageSpec {
+                image: self.id.clone(),
+                ..Default::default()
+            }),
+            pinned,
+        }
+    }
+}
+
+/// The config's `User`: `1002` is a uid, `www-data` a name; after a colon
+/// comes the group, which CRI does not report.
+pub fn parse_user(user: &str) -> (Option<i64>, String) {
+    let user = user.split(':').next().unwrap_or("");
+    if user.is_empty() {
+        return (None, String::new());
+    }
+    match user.parse::<i64>() {
+        Ok(uid) => (Some(uid), String::new()),
+        Err(_) => (None, user.to_string()),
+    }
+}
+
+/// `ImageStatus(verbose)`'s `info["info"]`: the chain ID and the image config.
+pub fn verbose_info(db: &std::sync::Arc<Db>, group: &ImageGroup) -> Result<String, Error> {
+    let store = db.content_store(NAMESPACE_CRI);
+    let image = platform_image(&store, &group.target, None)?;
+    let spec: serde_json::Value =
+        serde_json::from_slice(&image.config_bytes).unwrap_or(serde_json::Value::Null);
+    let chain = image
+        .chain_ids()
+        .last()
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    let info = serde_json::json!({ "chainID": chain, "imageSpec": spec });
+    Ok(info.to_string())
+}
+
+/// Bytes and inodes used by content and snapshots.
+pub fn filesystem_usage(db: &std::sync::Arc<Db>, snapshots: &SnapshotRoot) -> Result<Usage, Error> {
+    let blobs = db.local_content().blobs()?;
+    let mut usage = snapshots.total_usage()?;
+    usage.size += blobs.iter().map(|(_, size)| size).sum::<u64>();
+    usage.inodes += blobs.len() as u64;
+    Ok(usage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_forms() {
+        assert_eq!(parse_user("1002"), (Some(1002), String::new()));
+        assert_eq!(parse_user("www-data"), (None, "www-data".to_string()));
+        assert_eq!(parse_user("1003:1004"), (Some(1003), String::new()));
+        assert_eq!(parse_user("www-data:1004"), (None, "www-data".to_string()));
+        assert_eq!(parse_user(""), (None, String::new()));
+    }
+
+    #[test]
+    fn find_by_every_form() {
+        let hex = "a".repeat(64);
+        let g = ImageGroup {
+            id: format!("sha256:{hex}"),
+            names: vec![
+                "docker.io/library/busybox:latest".into(),
+                format!("docker.io/library/busybox@sha256:{}", "b".repeat(64)),
+                format!("sha256:{hex}"),
+            ],
+            labels: Labels::new(),
+            target: crate::descriptor::Descriptor::new("x", crate::digest::Digest::of(b"x"), 1),
+        };
+        let groups = vec![g];
+        for q in [
+            format!("sha256:{hex}"),
+            hex.clone(),
+            "busybox".to_string(),
+            "busybox:latest".to_string(),
+            "docker.io/library/busybox".to_string(),
+            format!("busybox@sha256:{}", "b".repeat(64)),
+        ] {
+            assert!(find(&groups, &q).is_some(), "{q}");
+        }
+        assert!(find(&groups, "busybox:other").is_none());
+        assert!(find(&groups, "").is_none());
+        let cri = groups[0].to_cri(false);
+        assert_eq!(cri.repo_tags, ["docker.io/library/busybox:latest"]);
+        assert_eq!(cri.repo_digests.len(), 1);
+    }
+}

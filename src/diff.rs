@@ -1,0 +1,62 @@
+//! The applier: a layer blob from the content store, decompressed, hashed and
+//! applied into an active snapshot. For overlay the tar goes straight into
+//! the upper directory (as overlay whiteouts), without mounting anything.
+
+use crate::archive::{self, Applied, ApplyOptions, WhiteoutMode};
+use crate::content::Store;
+use crate::descriptor::Descriptor;
+use crate::images::{self, Compression, Kind};
+use crate::metadata::ContentStore;
+use crate::snapshot::{Snapshots, Snapshotter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Content(#[from] crate::content::Error),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::Error),
+    #[error(transparent)]
+    Image(#[from] images::Error),
+    #[error("applying layer {layer}: {source}")]
+    Archive {
+        layer: String,
+        #[source]
+        source: archive::ArchiveError,
+    },
+}
+
+/// Applies `layer` into the active snapshot `key`; returns what the tar held.
+pub fn apply(
+    store: &ContentStore,
+    layer: &Descriptor,
+    snapshots: &Snapshots,
+    key: &str,
+) -> Result<Applied, Error> {
+    let compression = match images::kind(layer)? {
+        Kind::Layer(c) => c,
+        other => {
+            return Err(Error::Image(images::Error::Invalid {
+                what: "layer",
+                digest: layer.digest.to_string(),
+                message: format!("a {} is not a layer", other.name()),
+            }));
+        }
+    };
+    let (dir, lowers) = snapshots.apply_dirs(key)?;
+    let whiteouts = match snapshots.overlay_upper() {
+        Some(userxattr) => WhiteoutMode::Overlay { userxattr, lowers },
+        None => WhiteoutMode::Plain,
+    };
+    let blob = std::io::BufReader::with_capacity(256 * 1024, store.reader_at(&layer.digest)?);
+    let compression = match compression {
+        Compression::None => archive::Compression::None,
+        Compression::Gzip => archive::Compression::Gzip,
+        Compression::Zstd => archive::Compression::Zstd,
+    };
+    archive::apply_layer(&dir, blob, compression, &ApplyOptions { whiteouts }).map_err(|source| {
+        Error::Archive {
+            layer: layer.digest.to_string(),
+            source,
+        }
+    })
+}

@@ -1,0 +1,246 @@
+//! Unpack end to end, as root: pull a multi-layer image with whiteouts,
+//! opaque directories and file/directory replacements from a real registry,
+//! mount it with `hoist mount`, and compare the tree, with both snapshotters.
+
+mod common;
+
+use common::*;
+use hoist::digest::Digest;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// path -> "file:<content>", "dir", "link:<target>".
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let ft = e.file_type().unwrap();
+            let v = if ft.is_symlink() {
+                format!("link:{}", std::fs::read_link(&path).unwrap().display())
+            } else if ft.is_dir() {
+                stack.push(path.clone());
+                "dir".to_string()
+            } else {
+                format!("file:{}", std::fs::read_to_string(&path).unwrap())
+            };
+            out.insert(rel, v);
+        }
+    }
+    out
+}
+
+async fn push_layers(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+    layers: &[Vec<u8>],
+    diff_ids: &[Digest],
+) {
+    let mut descs = Vec::new();
+    for l in layers {
+        descs.push(reg.push_blob(repo, l, hoist::images::OCI_LAYER_GZIP).await);
+    }
+    let config = json!({
+        "architecture": host_arch(), "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids.iter().map(|d| d.to_string()).collect::<Vec<_>>()},
+    });
+    let config = reg
+        .push_blob(
+            repo,
+            config.to_string().as_bytes(),
+            hoist::images::OCI_CONFIG,
+        )
+        .await;
+    let manifest = json!({"schemaVersion": 2, "mediaType": hoist::images::OCI_MANIFEST, "config": config, "layers": descs});
+    reg.push_manifest(
+        repo,
+        tag,
+        hoist::images::OCI_MANIFEST,
+        manifest.to_string().as_bytes(),
+    )
+    .await;
+}
+
+fn layers() -> Vec<Vec<u8>> {
+    use Entry::*;
+    let base = tar_layer(&[
+        Dir("etc"),
+        File("etc/a", b"a"),
+        File("etc/b", b"b"),
+        Dir("dir"),
+        File("dir/x", b"x"),
+        File("dir/y", b"y"),
+        File("rep", b"a file first"),
+        Dir("rep2"),
+        File("rep2/inside", b"gone later"),
+        Dir("keep"),
+        File("keep/f", b"kept"),
+    ]);
+    let top = tar_layer(&[
+        File("etc/.wh.a", b""),
+        File("dir/z", b"z"),
+        // The opaque marker after a new entry: order must not matter.
+        File("dir/.wh..wh..opq", b""),
+        Dir("rep"),
+        File("rep/inner", b"now a dir"),
+        File("rep2", b"now a file"),
+        Symlink("new", "etc/b"),
+    ]);
+    let third = tar_layer(&[File("keep/.wh.f", b""), File("keep/g", b"g")]);
+    vec![gzip(&base), gzip(&top), gzip(&third)]
+}
+
+fn expected() -> BTreeMap<String, String> {
+    [
+        ("etc", "dir"),
+        ("etc/b", "file:b"),
+        ("dir", "dir"),
+        ("dir/z", "file:z"),
+        ("rep", "dir"),
+        ("rep/inner", "file:now a dir"),
+        ("rep2", "file:now a file"),
+        ("keep", "dir"),
+        ("keep/g", "file:g"),
+        ("new", "link:etc/b"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn hoist(root: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hoist"))
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn ok(root: &Path, args: &[&str]) -> String {
+    let (success, text) = hoist(root, args);
+    assert!(success, "hoist {args:?}: {text}");
+    text
+}
+
+async fn pull_mount_compare(snapshotter: &str) {
+    let reg = Registry::start();
+    let layers = layers();
+    let diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
+    push_layers(&reg, "unpack/app", "1", &layers, &diffs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let r = format!("{}/unpack/app:1", reg.addr);
+    let out = ok(
+        &root,
+        &[
+            "pull",
+            "--hosts-dir",
+            "/nonexistent",
+            "--snapshotter",
+            snapshotter,
+            &r,
+        ],
+    );
+    assert!(out.contains("unpacking"), "{out}");
+    let snaps = ok(&root, &["snapshots", "ls"]);
+    let chain = hoist::images::chain_ids(&diffs);
+    for c in &chain {
+        assert!(snaps.contains(&c.to_string()), "{snaps}");
+    }
+    let mnt = dir.path().join("mnt");
+    ok(&root, &["mount", &r, mnt.to_str().unwrap()]);
+    let got = tree(&mnt);
+    // GC while mounted keeps the view and its layers.
+    ok(&root, &["gc"]);
+    assert_eq!(tree(&mnt), got);
+    ok(&root, &["unmount", mnt.to_str().unwrap()]);
+    assert_eq!(got, expected(), "{snapshotter}");
+    assert!(tree(&mnt).is_empty());
+    // A second pull of the same image applies nothing.
+    let out = ok(
+        &root,
+        &[
+            "pull",
+            "--hosts-dir",
+            "/nonexistent",
+            "--snapshotter",
+            snapshotter,
+            &r,
+        ],
+    );
+    assert!(out.contains("exists"), "{out}");
+    ok(&root, &["rmi", &r]);
+    let snaps = ok(&root, &["snapshots", "ls"]);
+    assert_eq!(snaps.lines().count(), 1, "only the header is left: {snaps}");
+}
+
+#[tokio::test]
+async fn overlay_unpack_mount_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    pull_mount_compare("overlayfs").await;
+}
+
+#[tokio::test]
+async fn native_unpack_mount_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    pull_mount_compare("native").await;
+}
+
+#[tokio::test]
+async fn a_wrong_diff_id_fails_and_leaves_no_snapshot_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let reg = Registry::start();
+    let layers = layers();
+    let mut diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
+    diffs[1] = Digest::of(b"not the layer");
+    push_layers(&reg, "unpack/bad", "1", &layers, &diffs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let r = format!("{}/unpack/bad:1", reg.addr);
+    for snapshotter in ["overlayfs", "native"] {
+        let (success, out) = hoist(
+            &root,
+            &[
+                "pull",
+                "--hosts-dir",
+                "/nonexistent",
+                "--snapshotter",
+                snapshotter,
+                &r,
+            ],
+        );
+        assert!(!success, "{out}");
+        let layer = hoist::digest::Digest::of(&layers[1]);
+        assert!(
+            out.contains(&layer.to_string()) && out.contains("diff_id"),
+            "{out}"
+        );
+        ok(&root, &["gc"]);
+        let snaps = ok(&root, &["snapshots", "ls"]);
+        assert_eq!(snaps.lines().count(), 1, "{snaps}");
+        assert!(ok(&root, &["content", "ls", "-q"]).trim().is_empty());
+    }
+}
