@@ -60,14 +60,39 @@ pub fn run(cli: Cli) -> Result<()> {
     );
     let service = Service::new(puller, snapshots.clone(), &file.pinned_images)?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let listener = server::bind(&socket)?;
         tracing::info!(root = %root.display(), snapshotter = snapshots.name(), "hoist daemon ready");
-        server::serve(service, listener, &socket, shutdown_signal()).await?;
+        let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+        let graceful = {
+            let stopping = stopping.clone();
+            async move { stopping.notified().await }
+        };
+        let serving = server::serve(service, listener, &socket, graceful);
+        tokio::pin!(serving);
+        tokio::select! {
+            r = &mut serving => r?,
+            () = shutdown_signal() => {
+                // Stop accepting, let quick RPCs finish, then drop the rest:
+                // a cancelled pull keeps its lease and ingests for a resume.
+                stopping.notify_one();
+                if tokio::time::timeout(SHUTDOWN_GRACE, &mut serving).await.is_err() {
+                    tracing::info!("cancelling in-flight RPCs");
+                }
+                let _ = std::fs::remove_file(&socket);
+            }
+        }
         tracing::info!("stopped");
-        Ok(())
-    })
+        Ok::<_, anyhow::Error>(())
+    });
+    // Ends the tasks still running; blocking writers finish once their
+    // channels close.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }
+
+/// How long quick RPCs get to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// SIGTERM or SIGINT.
 async fn shutdown_signal() {

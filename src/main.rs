@@ -152,6 +152,7 @@ fn init_logging(json: bool, default_level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -170,9 +171,26 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        eprintln!("hoist: {e:#}");
+        eprintln!("hoist: {}", error_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, skipping a cause its parent's message already
+/// quotes (library errors name their source inline).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<()> {
