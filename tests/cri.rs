@@ -160,19 +160,6 @@ async fn fs_used(c: &mut ImageServiceClient<Channel>) -> (u64, u64, String) {
     )
 }
 
-fn random_layer(seed: u8, size: usize) -> Vec<u8> {
-    let mut x = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let data: Vec<u8> = (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    gzip_layer(&[("data.bin", &data)])
-}
-
 /// An image whose config says `User: user`.
 async fn push_user_image(reg: &Registry, repo: &str, tag: &str, user: &str, seed: u8) -> String {
     let layer = random_layer(seed, 2000);

@@ -35,19 +35,6 @@ async fn pull(p: &Arc<Puller>, reference: &str) -> hoist::pull::Result<hoist::pu
         .await
 }
 
-fn layer(seed: u8, size: usize) -> Vec<u8> {
-    let mut x = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let data: Vec<u8> = (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    gzip_layer(&[("data.bin", &data)])
-}
-
 fn digests_in(db: &Arc<Db>) -> Vec<String> {
     let mut out = Vec::new();
     db.content_store(NS)
@@ -76,7 +63,7 @@ async fn multi_platform_index_by_tag_digest_and_untagged() {
         &reg,
         "multi/app",
         None,
-        &[layer(1, 3000), layer(2, 5000)],
+        &[random_layer(1, 3000), random_layer(2, 5000)],
         ("linux", host_arch()),
         false,
     )
@@ -85,7 +72,7 @@ async fn multi_platform_index_by_tag_digest_and_untagged() {
         &reg,
         "multi/app",
         None,
-        &[layer(3, 4000)],
+        &[random_layer(3, 4000)],
         ("linux", other_arch()),
         true,
     )
@@ -225,12 +212,12 @@ async fn multi_platform_index_by_tag_digest_and_untagged() {
 async fn a_blob_shared_by_two_images_is_fetched_once() {
     let reg = Registry::start();
     let proxy = Proxy::start(reg.addr.clone()).await;
-    let shared = layer(7, 20_000);
+    let shared = random_layer(7, 20_000);
     let a = push_image(
         &reg,
         "shared/a",
         Some("1"),
-        &[shared.clone(), layer(8, 100)],
+        &[shared.clone(), random_layer(8, 100)],
         ("linux", host_arch()),
         false,
     )
@@ -239,7 +226,7 @@ async fn a_blob_shared_by_two_images_is_fetched_once() {
         &reg,
         "shared/b",
         Some("1"),
-        &[shared, layer(9, 100)],
+        &[shared, random_layer(9, 100)],
         ("linux", host_arch()),
         false,
     )
@@ -279,7 +266,7 @@ async fn interrupted_blob_resumes_with_range() {
         &reg,
         "resume/app",
         Some("1"),
-        &[layer(5, 200_000)],
+        &[random_layer(5, 200_000)],
         ("linux", host_arch()),
         false,
     )
@@ -305,7 +292,7 @@ async fn interrupted_blob_resumes_with_range() {
 async fn resumes_an_ingest_left_by_an_earlier_process() {
     let reg = Registry::start();
     let proxy = Proxy::start(reg.addr.clone()).await;
-    let data = layer(6, 100_000);
+    let data = random_layer(6, 100_000);
     let img = push_image(
         &reg,
         "resume/old",
@@ -343,7 +330,7 @@ async fn faults_are_retried_until_the_blob_arrives() {
         &reg,
         "faults/app",
         Some("1"),
-        &[layer(4, 50_000)],
+        &[random_layer(4, 50_000)],
         ("linux", host_arch()),
         false,
     )
@@ -385,7 +372,7 @@ async fn a_trickle_trips_the_progress_timeout_and_leaves_no_trace() {
         &reg,
         "slow/app",
         Some("1"),
-        &[layer(3, 10_000)],
+        &[random_layer(3, 10_000)],
         ("linux", host_arch()),
         false,
     )
@@ -407,7 +394,7 @@ async fn damaged_or_missing_blobs_fail_naming_the_digest() {
         &reg,
         "bad/wrong",
         Some("1"),
-        &[layer(11, 5000)],
+        &[random_layer(11, 5000)],
         ("linux", host_arch()),
         false,
     )
@@ -416,7 +403,7 @@ async fn damaged_or_missing_blobs_fail_naming_the_digest() {
         &reg,
         "bad/short",
         Some("1"),
-        &[layer(12, 5000)],
+        &[random_layer(12, 5000)],
         ("linux", host_arch()),
         false,
     )
@@ -425,7 +412,7 @@ async fn damaged_or_missing_blobs_fail_naming_the_digest() {
         &reg,
         "bad/missing",
         Some("1"),
-        &[layer(13, 5000)],
+        &[random_layer(13, 5000)],
         ("linux", host_arch()),
         false,
     )
@@ -519,7 +506,7 @@ async fn command_line_pull_images_rmi() {
         &reg,
         "cli/app",
         Some("2"),
-        &[layer(21, 1000)],
+        &[random_layer(21, 1000)],
         ("linux", host_arch()),
         true,
     )
@@ -564,7 +551,7 @@ async fn basic_auth_with_the_registrys_htpasswd() {
         &reg,
         "private/app",
         Some("1"),
-        &[layer(31, 1000)],
+        &[random_layer(31, 1000)],
         ("linux", host_arch()),
         false,
     )
@@ -607,7 +594,7 @@ async fn bearer_token_challenge_with_a_cached_token() {
         &reg,
         "tok/app",
         Some("1"),
-        &[layer(41, 1000), layer(42, 1000)],
+        &[random_layer(41, 1000), random_layer(42, 1000)],
         ("linux", host_arch()),
         false,
     )
@@ -641,7 +628,7 @@ async fn gzip_zstd_and_uncompressed_layers_are_fetched() {
     .enumerate()
     {
         layers.push(
-            reg.push_blob("mixed/app", &layer(50 + i as u8, 2000), mt)
+            reg.push_blob("mixed/app", &random_layer(50 + i as u8, 2000), mt)
                 .await,
         );
     }

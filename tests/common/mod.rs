@@ -356,3 +356,18 @@ pub fn other_arch() -> &'static str {
         _ => "arm64",
     }
 }
+
+/// A gzip layer of one file holding `size` pseudo-random (so barely
+/// compressible) bytes.
+pub fn random_layer(seed: u8, size: usize) -> Vec<u8> {
+    let mut x = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let data: Vec<u8> = (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    gzip_layer(&[("data.bin", &data)])
+}
