@@ -66,8 +66,13 @@ pub async fn run(
                 .as_ref()
                 .map(hoist::images::platform_string)
                 .unwrap_or_else(|| "image".to_string());
+            let how = if u.parallel {
+                " (layers applied in parallel)"
+            } else {
+                ""
+            };
             println!(
-                "unpacking {platform} {}...done: {:.1?}",
+                "unpacking {platform} {}...done: {:.1?}{how}",
                 m.manifest.digest, u.duration
             );
         }

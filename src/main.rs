@@ -57,6 +57,9 @@ enum Command {
         /// Fetch only, do not unpack into snapshots
         #[arg(long)]
         no_unpack: bool,
+        /// Apply layers one at a time even where they could apply in parallel
+        #[arg(long)]
+        sequential_unpack: bool,
         /// overlayfs or native [default: overlayfs where the host supports it]
         #[arg(long)]
         snapshotter: Option<String>,
@@ -206,6 +209,7 @@ fn run(cli: Cli) -> Result<()> {
             platforms,
             all_platforms,
             no_unpack,
+            sequential_unpack,
             snapshotter,
             hosts_dir,
             plain_http,
@@ -224,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
                     .as_deref()
                     .map(hoist::remote::Credentials::from_user_flag),
                 no_unpack,
+                sequential_unpack,
             };
             let snapshotter = if no_unpack {
                 None

@@ -244,3 +244,139 @@ async fn a_wrong_diff_id_fails_and_leaves_no_snapshot_as_root() {
         assert!(ok(&root, &["content", "ls", "-q"]).trim().is_empty());
     }
 }
+
+/// Everything a tree says about each path: type, mode, owner, times,
+/// size, device, link target, content digest and xattrs.
+fn full_tree(root: &Path) -> BTreeMap<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let what = if m.file_type().is_symlink() {
+                format!("link:{}", std::fs::read_link(&path).unwrap().display())
+            } else if m.is_dir() {
+                stack.push(path.clone());
+                "dir".to_string()
+            } else if m.is_file() {
+                format!("file:{}", Digest::of(&std::fs::read(&path).unwrap()))
+            } else {
+                format!("special:{}", m.rdev())
+            };
+            let mtime = if m.file_type().is_symlink() {
+                0
+            } else {
+                m.mtime() * 1_000_000_000 + m.mtime_nsec()
+            };
+            out.insert(
+                rel,
+                format!(
+                    "{what} mode={:o} uid={} gid={} mtime={mtime} size={} xattrs={:?}",
+                    m.mode(),
+                    m.uid(),
+                    m.gid(),
+                    if m.is_dir() { 0 } else { m.size() },
+                    xattrs(&path)
+                ),
+            );
+        }
+    }
+    out
+}
+
+fn xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 65536];
+    // SAFETY: llistxattr/lgetxattr into buffers of the given sizes.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n <= 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for name in names[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+    {
+        let cname = std::ffi::CString::new(name).unwrap();
+        let mut value = vec![0u8; 65536];
+        let len = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        value.truncate(len.max(0) as usize);
+        out.push((String::from_utf8_lossy(name).to_string(), value));
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn parallel_and_sequential_unpack_give_identical_trees_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use Entry::*;
+    let reg = Registry::start();
+    let mut layers = layers();
+    // Directories with their own metadata below, children added above
+    // without listing them: the parallel path must rebase their metadata.
+    layers.insert(
+        0,
+        gzip(&tar_layer(&[
+            DirMeta("opt", 0o750, 1000, 1001),
+            File("opt/a", b"a"),
+            DirMeta("srv", 0o711, 0, 0),
+            DirMeta("srv/data", 0o700, 33, 33),
+        ])),
+    );
+    layers.push(gzip(&tar_layer(&[
+        File("opt/b", b"b"),
+        File("srv/data/x", b"x"),
+        File("etc/c", b"c"),
+    ])));
+    let diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
+    push_layers(&reg, "unpack/same", "1", &layers, &diffs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = format!("{}/unpack/same:1", reg.addr);
+    let mut trees = Vec::new();
+    for (name, extra) in [
+        ("sequential", Some("--sequential-unpack")),
+        ("parallel", None),
+    ] {
+        let root = dir.path().join(name);
+        let mut args = vec![
+            "pull",
+            "--hosts-dir",
+            "/nonexistent",
+            "--snapshotter",
+            "overlayfs",
+        ];
+        args.extend(extra);
+        args.push(&r);
+        let out = ok(&root, &args);
+        assert_eq!(
+            out.contains("applied in parallel"),
+            extra.is_none(),
+            "{out}"
+        );
+        let mnt = dir.path().join(format!("mnt-{name}"));
+        ok(&root, &["mount", &r, mnt.to_str().unwrap()]);
+        trees.push(full_tree(&mnt));
+        ok(&root, &["unmount", mnt.to_str().unwrap()]);
+    }
+    assert!(
+        trees[0]["opt"].contains("mode=40750 uid=1000 gid=1001 mtime=1600000000000000000"),
+        "{}",
+        trees[0]["opt"]
+    );
+    assert_eq!(trees[0], trees[1]);
+}

@@ -61,6 +61,9 @@ pub(super) struct Applier {
     pub(super) dir_times: HashMap<RelPath, (Time, Time)>,
     pub(super) buf: Vec<u8>,
     entries: u64,
+    /// Directories made only because entries needed them, with no lower to
+    /// copy metadata from: a later rebase onto real lowers fixes them up.
+    pub(super) implicit: std::collections::BTreeSet<RelPath>,
 }
 
 impl Applier {
@@ -81,11 +84,59 @@ impl Applier {
             dir_times: HashMap::new(),
             buf: vec![0; BUF_SIZE],
             entries: 0,
+            implicit: std::collections::BTreeSet::new(),
         })
     }
 
     pub fn entries(&self) -> u64 {
         self.entries
+    }
+
+    /// Gives `dirs` (made implicitly while this layer was applied without
+    /// its lowers) the owner, mode, xattrs and times the lowers have for
+    /// them, as a sequential apply would have; then sets directory times.
+    pub fn adopt_lower_metadata(&mut self, dirs: &[RelPath]) -> Result<(), ArchiveError> {
+        let mut dirs = dirs.to_vec();
+        dirs.sort_by_key(|p| p.iter().filter(|&&b| b == b'/').count());
+        for path in dirs {
+            let display = show(&path);
+            let Some((parent, name)) = split_last(&path) else {
+                continue;
+            };
+            let Some(dir) = self
+                .tree
+                .resolve(parent, Walk::Lookup, &mut Vec::new(), &display)?
+            else {
+                continue;
+            };
+            let still_dir = lstat_at(dir.fd.as_fd(), name)
+                .map_err(|err| io_err("inspecting", &display, err))?
+                .is_some_and(|st| is_dir(&st));
+            if dir.path != parent || !still_dir {
+                continue;
+            }
+            let lower = match &self.overlay {
+                Some(o) => o
+                    .lowers
+                    .find(self.tree.root_fd(), &path, false)
+                    .map_err(|err| io_err("looking up lower directory", &display, err))?
+                    .map(|(_, l)| l)
+                    .filter(|l| is_dir(&l.stat)),
+                None => None,
+            };
+            let Some(l) = lower else { continue };
+            let (meta_x, times) = whiteout::lower_meta(&l, &display)?;
+            let meta = Meta {
+                uid: l.stat.st_uid,
+                gid: l.stat.st_gid,
+                mode: Some(l.stat.st_mode & 0o7777),
+                xattrs: &meta_x,
+                times: None,
+            };
+            self.set_meta(At::Name(dir.fd.as_fd(), name), &meta, &display)?;
+            self.dir_times.insert(path.clone(), times);
+        }
+        self.finish()
     }
 
     pub fn apply<R: BufRead>(
@@ -211,6 +262,9 @@ impl Applier {
                     times: None,
                 };
                 self.set_meta(At::Name(c.parent.as_fd(), &c.name), &meta, display)?;
+                if !c.over_whiteout {
+                    self.implicit.insert(c.path.clone());
+                }
             }
         }
         if c.over_whiteout {
@@ -271,6 +325,8 @@ impl Applier {
         e: &Entry,
         display: &str,
     ) -> Result<(), ArchiveError> {
+        // Listed by the layer: its metadata is the layer's, not a lower's.
+        self.implicit.remove(here);
         let fd = dir.fd.as_fd();
         let mkdir = || nix::sys::stat::mkdirat(fd, base, Mode::from_bits_truncate(0o700));
         // An existing directory stays (keeping lower content) and takes the

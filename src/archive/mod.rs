@@ -80,6 +80,29 @@ pub struct Applied {
     /// Tar entries seen (PAX/GNU extension headers not counted; whiteouts
     /// and skipped entries counted).
     pub entries: u64,
+    /// Directories the layer needed but did not list and no lower had,
+    /// made 0755 root (relative to the root). Applied without its lowers,
+    /// a layer hands these to [`adopt_lower_metadata`] once they exist.
+    pub implicit_dirs: Vec<PathBuf>,
+}
+
+/// The rebase half of a parallel unpack: `root` was applied with no
+/// lowers; now that `lowers` (newest first) are committed, the directories
+/// it made implicitly take their metadata from them, as a sequential apply
+/// would have given it.
+pub fn adopt_lower_metadata(
+    root: &Path,
+    dirs: &[PathBuf],
+    lowers: Vec<PathBuf>,
+    userxattr: bool,
+) -> Result<(), ArchiveError> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut applier = apply::Applier::new(root, &WhiteoutMode::Overlay { userxattr, lowers })?;
+    let dirs: Vec<Vec<u8>> = dirs
+        .iter()
+        .map(|d| d.as_os_str().as_bytes().to_vec())
+        .collect();
+    applier.adopt_lower_metadata(&dirs)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,9 +206,18 @@ pub fn apply_layer(
         drained?;
     }
     let (diff_id, uncompressed_size) = hashed.finish();
+    let implicit_dirs = {
+        use std::os::unix::ffi::OsStrExt;
+        applier
+            .implicit
+            .iter()
+            .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+            .collect()
+    };
     Ok(Applied {
         diff_id,
         uncompressed_size,
         entries: applier.entries(),
+        implicit_dirs,
     })
 }

@@ -32,6 +32,9 @@ pub struct Service {
     pinned: HashSet<String>,
     /// Identical pulls in flight share one.
     inflight: Arc<Mutex<HashMap<String, PullFuture>>>,
+    /// The image groups as last read. The daemon holds its root exclusively,
+    /// so only its own pulls and removals change them; each clears this.
+    cache: Arc<Mutex<Option<Arc<Vec<ImageGroup>>>>>,
 }
 
 impl Service {
@@ -50,6 +53,7 @@ impl Service {
             snapshots,
             pinned,
             inflight: Arc::default(),
+            cache: Arc::default(),
         })
     }
 
@@ -63,8 +67,17 @@ impl Service {
             .map_err(internal)
     }
 
-    async fn groups(&self) -> Result<Vec<ImageGroup>, Status> {
-        self.blocking(groups).await?.map_err(internal)
+    async fn groups(&self) -> Result<Arc<Vec<ImageGroup>>, Status> {
+        if let Some(g) = self.cache.lock().clone() {
+            return Ok(g);
+        }
+        let g = Arc::new(self.blocking(groups).await?.map_err(internal)?);
+        *self.cache.lock() = Some(g.clone());
+        Ok(g)
+    }
+
+    fn invalidate(&self) {
+        *self.cache.lock() = None;
     }
 
     fn to_cri(&self, g: &ImageGroup) -> Image {
@@ -200,6 +213,7 @@ impl ImageService for Service {
                     .or_insert_with(|| {
                         let puller = self.puller.clone();
                         let inflight = self.inflight.clone();
+                        let cache = self.cache.clone();
                         let key = key.clone();
                         async move {
                             let options = PullOptions {
@@ -221,6 +235,7 @@ impl ImageService for Service {
                                 Err(e) => Err(e),
                             };
                             inflight.lock().remove(&key);
+                            *cache.lock() = None;
                             recorded
                         }
                         .boxed()
@@ -249,6 +264,7 @@ impl ImageService for Service {
         let result = async {
             let groups = self.groups().await?;
             if let Some(group) = find(&groups, &query).cloned() {
+                self.invalidate();
                 self.blocking(move |db| -> Result<(), Status> {
                     for name in &group.names {
                         match db.delete_image(NAMESPACE_CRI, name) {
@@ -260,6 +276,7 @@ impl ImageService for Service {
                     Ok(())
                 })
                 .await??;
+                self.invalidate();
             }
             Ok(Response::new(RemoveImageResponse {}))
         }

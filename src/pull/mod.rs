@@ -56,6 +56,8 @@ pub struct PullOptions {
     pub credentials: Option<Credentials>,
     /// Fetch only; by default every fetched manifest is unpacked.
     pub no_unpack: bool,
+    /// Apply layers one after another even where they could apply in parallel.
+    pub sequential_unpack: bool,
 }
 
 /// What a pull produced.
@@ -348,6 +350,7 @@ impl Job<'_> {
                         config,
                         &manifest.layers,
                         ready,
+                        self.options.sequential_unpack,
                         self.progress,
                     );
                     u.await.map(Some)

@@ -134,6 +134,11 @@ pub trait Backend: Send + Sync {
     fn overlay_upper(&self) -> Option<bool> {
         None
     }
+    /// Whether a snapshot's tree is independent of its parent's, so that it
+    /// can be built first and given its parent at commit.
+    fn rebases(&self) -> bool {
+        false
+    }
 }
 
 /// The snapshotter named `name` (`overlayfs` or `native`), or with `None`

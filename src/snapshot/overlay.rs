@@ -156,6 +156,11 @@ impl Backend for Overlay {
     fn overlay_upper(&self) -> Option<bool> {
         Some(self.userxattr)
     }
+
+    /// An upper directory holds only its own layer's changes.
+    fn rebases(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -78,6 +78,11 @@ impl SnapshotRoot {
         self.backend.name()
     }
 
+    /// Whether snapshots here can be built before their parent exists.
+    pub fn rebases(&self) -> bool {
+        self.backend.rebases()
+    }
+
     pub fn namespace(self: &Arc<Self>, namespace: &str) -> Snapshots {
         Snapshots {
             root: self.clone(),
@@ -422,39 +427,7 @@ impl Snapshotter for Snapshots {
     }
 
     fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
-        let root = &self.root;
-        let _guard = root.db.mutation_guard();
-        let r = root.db.transaction(|tx| self.must_get(tx, key))?;
-        if r.kind != Kind::Active {
-            return Err(Error::FailedPrecondition(format!(
-                "cannot commit {key:?}: it is {}, not Active",
-                r.kind.as_str()
-            )));
-        }
-        let fs = root.dir(r.id).join("fs");
-        // One sync of the filesystem instead of an fsync per file written.
-        let dir = std::fs::File::open(&fs).map_err(io_err(format!("opening {}", fs.display())))?;
-        nix::unistd::syncfs(&dir)
-            .map_err(|e| io_err(format!("syncing {}", fs.display()))(e.into()))?;
-        let usage = disk_usage(&fs)?;
-        root.db.transaction(|tx| -> Result<()> {
-            if root.get(tx, &self.namespace, name)?.is_some() {
-                return Err(Error::AlreadyExists(name.to_string()));
-            }
-            tx.execute(
-                "UPDATE snapshots SET key = ?2, kind = 'Committed', size = ?3, inodes = ?4, updated_at = ?5
-                 WHERE id = ?1",
-                params![r.id, name, usage.size as i64, usage.inodes as i64, to_nanos(SystemTime::now())],
-            )?;
-            if !labels.is_empty() {
-                replace_labels(tx, "snapshot_labels", &self.namespace, &r.id.to_string(), &labels)?;
-            }
-            if let Some(lease) = &self.lease {
-                add_resource_tx(tx, &self.namespace, lease, &Resource::snapshot(root.name(), name))?;
-                remove_resource_tx(tx, &self.namespace, lease, &Resource::snapshot(root.name(), key))?;
-            }
-            Ok(())
-        })
+        self.commit_inner(name, key, None, labels)
     }
 
     fn remove(&self, key: &str) -> Result<()> {
@@ -495,6 +468,87 @@ impl Snapshotter for Snapshots {
 }
 
 impl Snapshots {
+    /// Commits a snapshot that was prepared without a parent onto `parent`:
+    /// the rebase of a parallel unpack. Only backends whose trees do not
+    /// depend on their parents allow it.
+    pub fn commit_rebased(
+        &self,
+        name: &str,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+    ) -> Result<()> {
+        if !self.root.backend.rebases() {
+            return Err(Error::FailedPrecondition(format!(
+                "the {} snapshotter cannot change a snapshot's parent",
+                self.root.name()
+            )));
+        }
+        self.commit_inner(name, key, Some(parent), labels)
+    }
+    /// Commits `key` as `name`; with `rebase`, first sets its parent (which
+    /// must be committed) for a snapshot prepared without one.
+    fn commit_inner(
+        &self,
+        name: &str,
+        key: &str,
+        rebase: Option<Option<&str>>,
+        labels: Labels,
+    ) -> Result<()> {
+        let root = &self.root;
+        let _guard = root.db.mutation_guard();
+        let r = root.db.transaction(|tx| self.must_get(tx, key))?;
+        if r.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot commit {key:?}: it is {}, not Active",
+                r.kind.as_str()
+            )));
+        }
+        let fs = root.dir(r.id).join("fs");
+        // One sync of the filesystem instead of an fsync per file written.
+        let dir = std::fs::File::open(&fs).map_err(io_err(format!("opening {}", fs.display())))?;
+        nix::unistd::syncfs(&dir)
+            .map_err(|e| io_err(format!("syncing {}", fs.display()))(e.into()))?;
+        let usage = disk_usage(&fs)?;
+        root.db.transaction(|tx| -> Result<()> {
+            if root.get(tx, &self.namespace, name)?.is_some() {
+                return Err(Error::AlreadyExists(name.to_string()));
+            }
+            if let Some(parent) = rebase {
+                if let Some(p) = parent {
+                    let pr = root
+                        .get(tx, &self.namespace, p)?
+                        .ok_or_else(|| Error::NotFound(format!("parent {p}")))?;
+                    if pr.kind != Kind::Committed {
+                        return Err(Error::FailedPrecondition(format!("parent {p:?} is not committed")));
+                    }
+                }
+                tx.execute("UPDATE snapshots SET parent = ?2 WHERE id = ?1", params![r.id, parent])?;
+            }
+            tx.execute(
+                "UPDATE snapshots SET key = ?2, kind = 'Committed', size = ?3, inodes = ?4, updated_at = ?5
+                 WHERE id = ?1",
+                params![r.id, name, usage.size as i64, usage.inodes as i64, to_nanos(SystemTime::now())],
+            )?;
+            if !labels.is_empty() {
+                replace_labels(tx, "snapshot_labels", &self.namespace, &r.id.to_string(), &labels)?;
+            }
+            if let Some(lease) = &self.lease {
+                add_resource_tx(tx, &self.namespace, lease, &Resource::snapshot(root.name(), name))?;
+                remove_resource_tx(tx, &self.namespace, lease, &Resource::snapshot(root.name(), key))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The tree directories of committed snapshot `name` and its ancestors,
+    /// newest first: the lowers of a layer rebased onto it.
+    pub fn tree_dirs(&self, name: Option<&str>) -> Result<Vec<PathBuf>> {
+        self.root
+            .db
+            .transaction(|tx| self.root.parent_dirs(tx, &self.namespace, name))
+    }
+
     /// Whether a layer applied into [`Snapshotter::apply_dirs`] must be
     /// written as an overlay upper (and with `userxattr`).
     pub fn overlay_upper(&self) -> Option<bool> {

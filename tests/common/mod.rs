@@ -176,6 +176,8 @@ impl Registry {
 pub enum Entry<'a> {
     File(&'a str, &'a [u8]),
     Dir(&'a str),
+    /// A directory with its own mode, uid and gid.
+    DirMeta(&'a str, u32, u64, u64),
     Symlink(&'a str, &'a str),
 }
 
@@ -196,6 +198,16 @@ pub fn tar_layer(entries: &[Entry<'_>]) -> Vec<u8> {
             Entry::Dir(path) => {
                 h.set_size(0);
                 h.set_mode(0o755);
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_cksum();
+                tar.append_data(&mut h, path, std::io::empty()).unwrap();
+            }
+            Entry::DirMeta(path, mode, uid, gid) => {
+                h.set_size(0);
+                h.set_mode(*mode);
+                h.set_uid(*uid);
+                h.set_gid(*gid);
+                h.set_mtime(1_600_000_000);
                 h.set_entry_type(tar::EntryType::Directory);
                 h.set_cksum();
                 tar.append_data(&mut h, path, std::io::empty()).unwrap();
