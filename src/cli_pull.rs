@@ -40,7 +40,7 @@ pub async fn run(
         tokio::spawn(async move {
             let mut lines = 0;
             loop {
-                lines = draw(&progress, lines);
+                lines = draw(&progress, lines, true);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -48,11 +48,18 @@ pub async fn run(
     let result = puller.pull(namespace, reference, &options, &progress).await;
     if let Some(d) = display {
         d.abort();
-        draw(&progress, progress.snapshot().len() + 1);
+        let _ = d.await;
+        draw(&progress, progress.snapshot().len() + 1, false);
     }
     let pulled = result?;
     let elapsed = progress.started().elapsed();
-    let total: u64 = progress.snapshot().iter().map(|e| e.total).sum();
+    // What was fetched or found: every descriptor, not the unpack line.
+    let total: u64 = progress
+        .snapshot()
+        .iter()
+        .filter(|e| !e.key.starts_with("unpack-"))
+        .map(|e| e.total)
+        .sum();
     println!(
         "elapsed: {:.1}s\ttotal: {}\t({}/s)",
         elapsed.as_secs_f64(),
@@ -63,9 +70,9 @@ pub async fn run(
         if let Some(u) = &m.unpacked {
             let platform = m
                 .platform
-                .as_ref()
-                .map(hoist::images::platform_string)
-                .unwrap_or_else(|| "image".to_string());
+                .clone()
+                .unwrap_or_else(hoist::images::platform::host);
+            let platform = hoist::images::platform_string(&platform);
             let how = if u.parallel {
                 " (layers applied in parallel)"
             } else {
@@ -81,8 +88,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Redraws the progress table in place; returns how many lines it drew.
-fn draw(progress: &Progress, previous_lines: usize) -> usize {
+/// Redraws the progress table in place, with an `elapsed` line while the
+/// pull runs; returns how many lines it drew.
+fn draw(progress: &Progress, previous_lines: usize, running: bool) -> usize {
     let entries = progress.snapshot();
     let mut out = String::new();
     if previous_lines > 0 {
@@ -95,27 +103,34 @@ fn draw(progress: &Progress, previous_lines: usize) -> usize {
         } else {
             &e.key
         };
+        let sizes = if e.total > 0 {
+            format!("{:>10}/{:<10}", human_size(e.offset), human_size(e.total))
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "\x1b[2K{key:<80} {:<12}|{bar}| {:>10}/{:<10}\n",
+            "\x1b[2K{key:<80} {:<12}|{bar}| {sizes}\n",
             e.state.as_str(),
-            human_size(e.offset),
-            human_size(e.total)
         ));
     }
-    out.push_str(&format!(
-        "\x1b[2Kelapsed: {:.1}s\n",
-        progress.started().elapsed().as_secs_f64()
-    ));
+    if running {
+        out.push_str(&format!(
+            "\x1b[2Kelapsed: {:.1}s\n",
+            progress.started().elapsed().as_secs_f64()
+        ));
+    } else {
+        out.push_str("\x1b[2K");
+    }
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(out.as_bytes());
     let _ = stdout.flush();
-    entries.len() + 1
+    entries.len() + usize::from(running)
 }
 
 fn bar(e: &Entry) -> String {
     const WIDTH: usize = 30;
     let filled = match e.state {
-        State::Done | State::Exists => WIDTH,
+        State::Done | State::Exists | State::Resolved => WIDTH,
         _ if e.total > 0 => ((e.offset.min(e.total) * WIDTH as u64) / e.total) as usize,
         _ => 0,
     };

@@ -9,6 +9,7 @@ pub enum State {
     Resolved,
     Waiting,
     Downloading,
+    Unpacking,
     Done,
     Exists,
     Failed,
@@ -21,6 +22,7 @@ impl State {
             State::Resolved => "resolved",
             State::Waiting => "waiting",
             State::Downloading => "downloading",
+            State::Unpacking => "unpacking",
             State::Done => "done",
             State::Exists => "exists",
             State::Failed => "failed",
@@ -84,7 +86,7 @@ impl Progress {
         let changed = entry.state != state;
         entry.state = state;
         entry.total = total;
-        if matches!(state, State::Done | State::Exists) {
+        if matches!(state, State::Done | State::Exists | State::Resolved) {
             entry.offset = total;
         }
         if changed && let Some(f) = &self.on_change {
@@ -92,10 +94,13 @@ impl Progress {
         }
     }
 
+    /// Moves an entry's offset; a waiting entry starts downloading.
     pub fn advance(&self, key: &str, offset: u64) {
         if let Some(e) = self.entries.lock().iter_mut().find(|e| e.key == key) {
             e.offset = offset;
-            e.state = State::Downloading;
+            if e.state == State::Waiting {
+                e.state = State::Downloading;
+            }
         }
     }
 

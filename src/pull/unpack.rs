@@ -9,7 +9,7 @@
 //! apply would have done differently. A layer whose parallel apply fails
 //! (a hardlink into a lower, say) is applied again sequentially.
 
-use super::progress::Progress;
+use super::progress::{Progress, State};
 use super::{Error, Result, blocking};
 use crate::archive::Applied;
 use crate::content::Labels;
@@ -84,7 +84,7 @@ pub async fn unpack(
     layers: &[Descriptor],
     ready: mpsc::Receiver<usize>,
     sequential: bool,
-    _progress: &Progress,
+    progress: &Progress,
 ) -> Result<Unpacked> {
     let started = Instant::now();
     let mut arrivals = Arrivals {
@@ -134,9 +134,21 @@ pub async fn unpack(
         start -= 1;
     }
     let todo = &plan[start..];
+    // One progress line: the compressed bytes of the layers committed so far.
+    let key = format!("unpack-{}", config.digest);
+    let total: u64 = plan.iter().map(|l| l.desc.size).sum();
+    let done_before: u64 = plan[..start].iter().map(|l| l.desc.size).sum();
+    progress.set(&key, State::Unpacking, total);
+    progress.advance(&key, done_before);
+    let tick = |k: usize| {
+        progress.advance(
+            &key,
+            done_before + todo[..=k].iter().map(|l| l.desc.size).sum::<u64>(),
+        )
+    };
     let parallel = !sequential && todo.len() > 1 && snapshots.root().rebases();
     let applied = if parallel {
-        unpack_parallel(store, snapshots, todo, start, &mut arrivals).await?
+        unpack_parallel(store, snapshots, todo, start, &mut arrivals, &tick).await?
     } else {
         let mut applied = 0;
         for (offset, layer) in todo.iter().enumerate() {
@@ -144,9 +156,11 @@ pub async fn unpack(
             if apply_sequential(store, snapshots, layer).await? {
                 applied += 1;
             }
+            tick(offset);
         }
         applied
     };
+    progress.set(&key, State::Done, total);
     drop(_held);
 
     for layer in &plan {
@@ -296,6 +310,7 @@ async fn unpack_parallel(
     todo: &[Layer],
     offset: usize,
     arrivals: &mut Arrivals,
+    tick: &(dyn Fn(usize) + Sync),
 ) -> Result<usize> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -380,6 +395,7 @@ async fn unpack_parallel(
             if committed {
                 applied += 1;
             }
+            tick(k);
         }
         Ok::<_, Error>(applied)
     };
