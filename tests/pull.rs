@@ -660,3 +660,57 @@ async fn gzip_zstd_and_uncompressed_layers_are_fetched() {
         );
     }
 }
+
+#[tokio::test]
+async fn platforms_pulled_one_after_another_all_survive_gc() {
+    let reg = Registry::start();
+    let host = push_image(
+        &reg,
+        "plat/app",
+        None,
+        &[random_layer(61, 1000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let other = push_image(
+        &reg,
+        "plat/app",
+        None,
+        &[random_layer(62, 1000)],
+        ("linux", other_arch()),
+        false,
+    )
+    .await;
+    push_index(
+        &reg,
+        "plat/app",
+        "1",
+        &[
+            (&host, ("linux", host_arch())),
+            (&other, ("linux", other_arch())),
+        ],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_secs(10));
+    let r = format!("{}/plat/app:1", reg.addr);
+    let other_platform =
+        hoist::images::platform::parse(&format!("linux/{}", other_arch())).unwrap();
+    let first = PullOptions {
+        platforms: vec![other_platform],
+        ..Default::default()
+    };
+    p.pull(NS, &r, &first, &Progress::default()).await.unwrap();
+    pull(&p, &r).await.unwrap();
+    p.db().garbage_collect(&[]).unwrap();
+    let store = p.db().content_store(NS);
+    for d in [
+        &host.manifest,
+        &host.layers[0],
+        &other.manifest,
+        &other.layers[0],
+    ] {
+        assert!(store.info(&d.digest).is_ok(), "{} was collected", d.digest);
+    }
+}

@@ -24,6 +24,9 @@ use tonic::{Request, Response, Status};
 
 type PullFuture = Shared<BoxFuture<'static, Result<String, Status>>>;
 
+/// A generation and the image groups read at it.
+type GroupCache = Mutex<(u64, Option<Arc<Vec<ImageGroup>>>)>;
+
 pub struct Service {
     puller: Arc<Puller>,
     db: Arc<Db>,
@@ -32,9 +35,10 @@ pub struct Service {
     pinned: HashSet<String>,
     /// Identical pulls in flight share one.
     inflight: Arc<Mutex<HashMap<String, PullFuture>>>,
-    /// The image groups as last read. The daemon holds its root exclusively,
-    /// so only its own pulls and removals change them; each clears this.
-    cache: Arc<Mutex<Option<Arc<Vec<ImageGroup>>>>>,
+    /// The image groups as last read, with a generation that every pull
+    /// and removal bumps (the daemon holds its root, so only they change
+    /// images): a read that raced a change is not kept.
+    cache: Arc<GroupCache>,
 }
 
 impl Service {
@@ -68,22 +72,35 @@ impl Service {
     }
 
     async fn groups(&self) -> Result<Arc<Vec<ImageGroup>>, Status> {
-        if let Some(g) = self.cache.lock().clone() {
-            return Ok(g);
-        }
+        let generation = {
+            let cache = self.cache.lock();
+            if let Some(g) = &cache.1 {
+                return Ok(g.clone());
+            }
+            cache.0
+        };
         let g = Arc::new(self.blocking(groups).await?.map_err(internal)?);
-        *self.cache.lock() = Some(g.clone());
+        let mut cache = self.cache.lock();
+        if cache.0 == generation {
+            cache.1 = Some(g.clone());
+        }
         Ok(g)
     }
 
     fn invalidate(&self) {
-        *self.cache.lock() = None;
+        invalidate(&self.cache);
     }
 
     fn to_cri(&self, g: &ImageGroup) -> Image {
         let pinned = g.names.iter().any(|n| self.pinned.contains(n));
         g.to_cri(pinned)
     }
+}
+
+fn invalidate(cache: &GroupCache) {
+    let mut c = cache.lock();
+    c.0 += 1;
+    c.1 = None;
 }
 
 /// One log line per RPC, with its outcome and duration (and never a secret:
@@ -215,7 +232,7 @@ impl ImageService for Service {
                         let inflight = self.inflight.clone();
                         let cache = self.cache.clone();
                         let key = key.clone();
-                        async move {
+                        let pull = async move {
                             let options = PullOptions {
                                 credentials,
                                 ..Default::default()
@@ -235,11 +252,16 @@ impl ImageService for Service {
                                 Err(e) => Err(e),
                             };
                             inflight.lock().remove(&key);
-                            *cache.lock() = None;
+                            invalidate(&cache);
                             recorded
-                        }
-                        .boxed()
-                        .shared()
+                        };
+                        // The pull runs as its own task: callers that go away
+                        // do not stall it (it holds blob and chain locks), and
+                        // daemon shutdown still cancels it.
+                        let task = tokio::spawn(pull);
+                        async move { task.await.map_err(internal)? }
+                            .boxed()
+                            .shared()
                     })
                     .clone()
             };

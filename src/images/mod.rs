@@ -199,6 +199,22 @@ pub fn gc_child_labels(kind: Kind, children: &[Descriptor]) -> Labels {
     labels
 }
 
+/// An index's labels for the manifests chosen from it, numbered by their
+/// place in the whole index, so that pulling another platform later adds
+/// a label instead of overwriting the first one's.
+pub fn gc_index_labels(all: &[Descriptor], chosen: &[Descriptor]) -> Labels {
+    chosen
+        .iter()
+        .filter_map(|c| {
+            let i = all.iter().position(|m| m.digest == c.digest)?;
+            Some((
+                format!("containerd.io/gc.ref.content.m.{i}"),
+                c.digest.to_string(),
+            ))
+        })
+        .collect()
+}
+
 /// `containerd.io/distribution.source.<host>=<repository>`.
 pub fn distribution_source_label(registry: &str, repository: &str) -> (String, String) {
     (

@@ -209,6 +209,9 @@ impl Store for ContentStore {
             }
         }
         let backend = self.backend_ref(reference);
+        // Until the writer holds its lock, only the lease entry keeps GC
+        // from sweeping the ingest; both happen before GC can look.
+        let _guard = self.db.mutation_guard();
         if let Some(lease) = &self.lease {
             self.db.transaction(|tx| {
                 add_resource_tx(tx, &self.namespace, lease, &Resource::ingest(reference))
@@ -292,7 +295,8 @@ impl Writer for NamespacedWriter {
         let _guard = store.db.mutation_guard();
         let written = self.inner.status()?.offset;
         let actual = self.inner.digest();
-        match self.inner.commit(size, expected, labels.clone()) {
+        // Labels live in the database; the local store need not hold them.
+        match self.inner.commit(size, expected, Labels::new()) {
             Ok(_) | Err(Error::AlreadyExists(_)) => {}
             Err(e) => return Err(e),
         }

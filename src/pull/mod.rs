@@ -163,30 +163,30 @@ impl Puller {
             options,
             progress,
         };
-        let result = job.fetch_root(&target).await;
-        let outcome = match result {
-            Ok(manifests) => {
-                let db = self.db.clone();
-                let (ns, image) = (
-                    namespace.to_string(),
-                    Image::new(name.clone(), target.clone()),
-                );
-                blocking(move || db.put_image(&ns, image)).await??;
-                Ok(Pulled {
-                    name,
-                    target,
-                    manifests,
-                })
-            }
-            Err(e) => Err(e),
-        };
+        let outcome = async {
+            let manifests = job.fetch_root(&target).await?;
+            let db = self.db.clone();
+            let (ns, image) = (
+                namespace.to_string(),
+                Image::new(name.clone(), target.clone()),
+            );
+            blocking(move || record_image(&db, &ns, image)).await??;
+            Ok(Pulled {
+                name: name.clone(),
+                target: target.clone(),
+                manifests,
+            })
+        }
+        .await;
         // Success or failure, the pull's hold ends here; after a failure GC
         // removes what it fetched. (A cancelled pull never gets here, and its
         // lease keeps the ingests until it expires, for a resume.)
         let db = self.db.clone();
         let ns = namespace.to_string();
-        if let Err(e) = blocking(move || db.delete_lease(&ns, &lease)).await? {
-            tracing::warn!(error = %e, "could not release the pull lease");
+        match blocking(move || db.delete_lease(&ns, &lease)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the pull lease"),
+            Err(e) => tracing::warn!(error = %e, "could not release the pull lease"),
         }
         outcome
     }
@@ -198,6 +198,19 @@ impl Puller {
     /// Unpacks of one chain ID run one at a time.
     pub(crate) fn chain_lock(&self, chain_id: &Digest) -> Arc<tokio::sync::Mutex<()>> {
         lock_for(&self.chain_locks, chain_id)
+    }
+}
+
+/// Points `image.name` at its target. A name already pointing there keeps
+/// its labels (the CRI service's id, size and user); a new or moved name
+/// starts without them.
+fn record_image(db: &Db, namespace: &str, image: Image) -> crate::metadata::Result<()> {
+    match db.image(namespace, &image.name) {
+        Ok(existing) if existing.target.digest == image.target.digest => Ok(()),
+        Ok(_) | Err(crate::metadata::Error::NotFound(_)) => {
+            db.put_image(namespace, image).map(drop)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -232,7 +245,7 @@ impl Job<'_> {
                 let body = self.manifest_bytes(target).await?;
                 let index = images::parse_index(target, &body)?;
                 let manifests = self.choose(target, &index.manifests)?;
-                let labels = images::gc_child_labels(Kind::Index, &manifests);
+                let labels = images::gc_index_labels(&index.manifests, &manifests);
                 self.store_manifest(target, Kind::Index, labels, body)
                     .await?;
                 let fetched =

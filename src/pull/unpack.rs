@@ -163,6 +163,11 @@ pub async fn unpack(
     progress.set(&key, State::Done, total);
     drop(_held);
 
+    // Layers below an already committed chain were never waited for; their
+    // blobs must be in this namespace before they are labelled.
+    for i in 1..=plan.len() {
+        arrivals.wait(i).await?;
+    }
     for layer in &plan {
         let (st, digest, diff) = (
             store.clone(),

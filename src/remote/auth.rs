@@ -259,8 +259,21 @@ struct TokenResponse {
     expires_in: Option<u64>,
 }
 
-/// (realm, service, scope).
+/// (realm, service, scope + a fingerprint of the credentials): a token is
+/// never handed to a caller with other credentials.
 type TokenKey = (String, String, String);
+
+fn fingerprint(scope: &str, credentials: &Credentials) -> String {
+    let who = match credentials {
+        Credentials::Anonymous => String::new(),
+        Credentials::Basic { username, password } => {
+            format!("basic\0{username}\0{}", password.expose())
+        }
+        Credentials::IdentityToken(t) => format!("identity\0{}", t.expose()),
+        Credentials::RegistryToken(t) => format!("registry\0{}", t.expose()),
+    };
+    format!("{scope}\0{}", crate::digest::Digest::of(who.as_bytes()))
+}
 
 /// Bearer tokens by (realm, service, scope), each until it expires.
 #[derive(Default)]
@@ -269,8 +282,18 @@ pub struct TokenCache {
 }
 
 impl TokenCache {
-    pub fn get(&self, realm: &str, service: &str, scope: &str) -> Option<Secret> {
-        let key = (realm.to_string(), service.to_string(), scope.to_string());
+    pub fn get(
+        &self,
+        realm: &str,
+        service: &str,
+        scope: &str,
+        credentials: &Credentials,
+    ) -> Option<Secret> {
+        let key = (
+            realm.to_string(),
+            service.to_string(),
+            fingerprint(scope, credentials),
+        );
         let tokens = self.tokens.lock();
         let (token, until) = tokens.get(&key)?;
         (Instant::now() < *until).then(|| token.clone())
@@ -288,7 +311,7 @@ impl TokenCache {
         let registry = realm.to_string();
         let unavailable = |e: reqwest::Error| Error::Unavailable {
             registry: registry.clone(),
-            message: format!("token request failed: {e}"),
+            message: format!("token request failed: {}", super::client::error_chain(&e)),
         };
         let mut query: Vec<(&str, &str)> = Vec::new();
         if !service.is_empty() {
@@ -348,11 +371,16 @@ impl TokenCache {
                 message: "the token response holds no token".to_string(),
             });
         }
-        // Registries default to 60 s; renew a little early.
-        let ttl = Duration::from_secs(body.expires_in.unwrap_or(60).max(10) - 5);
+        // Registries default to 60 s; renew a little early, and never trust
+        // a lifetime longer than a day.
+        let ttl = Duration::from_secs(body.expires_in.unwrap_or(60).clamp(10, 86_400) - 5);
         let secret = Secret::new(token);
         self.tokens.lock().insert(
-            (realm.to_string(), service.to_string(), scope.to_string()),
+            (
+                realm.to_string(),
+                service.to_string(),
+                fingerprint(scope, credentials),
+            ),
             (secret.clone(), Instant::now() + ttl),
         );
         Ok(secret)

@@ -418,7 +418,7 @@ impl Repository {
             ) => {
                 let service = service.unwrap_or_default();
                 let scope = scope.unwrap_or_else(|| format!("repository:{}:pull", self.path));
-                let token: Secret = match self.client.tokens.get(&realm, &service, &scope) {
+                let token: Secret = match self.client.tokens.get(&realm, &service, &scope, creds) {
                     Some(t) => t,
                     None => {
                         self.client
