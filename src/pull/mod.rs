@@ -425,14 +425,29 @@ impl Job<'_> {
         self.progress.set(&key, State::Waiting, desc.size);
         let lock = self.puller.blob_lock(&desc.digest);
         let _once = lock.lock().await;
+        let (k, v) = images::distribution_source_label(self.repo.registry(), self.repo.path());
+        let labels: Labels = [(k, v)].into();
+        // A blob already here (in any namespace) is taken under this pull's
+        // lease without waiting for a download slot.
+        let (store, d, k) = (self.store.clone(), desc.clone(), key.clone());
+        let present = blocking(move || match store.writer(&k, Some(&d)) {
+            Err(ContentError::AlreadyExists(_)) => Ok(true),
+            Ok(_) => Ok(false),
+            Err(e) => Err(e),
+        })
+        .await??;
+        if present {
+            let (store, digest) = (self.store.clone(), desc.digest.clone());
+            blocking(move || merge_labels(&store, &digest, labels)).await??;
+            self.progress.set(&key, State::Exists, desc.size);
+            return Ok(());
+        }
         let _slot = self
             .puller
             .downloads
             .acquire()
             .await
             .map_err(|e| Error::Internal(format!("download limiter: {e}")))?;
-        let (k, v) = images::distribution_source_label(self.repo.registry(), self.repo.path());
-        let labels: Labels = [(k, v)].into();
         let state = fetch::fetch_blob(
             self.repo,
             self.store,

@@ -133,6 +133,10 @@ pub async fn unpack(
     while start > 0 && !committed(snapshots, &plan[start - 1].chain_id).await? {
         start -= 1;
     }
+    if let Some(reused) = start.checked_sub(1) {
+        let (s, name) = (snapshots.clone(), plan[reused].chain_id.to_string());
+        blocking(move || s.hold(&name)).await??;
+    }
     let todo = &plan[start..];
     // One progress line: the compressed bytes of the layers committed so far.
     let key = format!("unpack-{}", config.digest);
@@ -272,6 +276,7 @@ fn commit(s: &Snapshots, layer: &Layer, key: &str, rebase: Option<&Applied>) -> 
         Ok(()) => Ok(true),
         Err(SnapshotError::AlreadyExists(_)) => {
             remove_quietly(s, key);
+            s.hold(&name)?;
             Ok(false)
         }
         Err(e) => {

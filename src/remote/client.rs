@@ -267,11 +267,12 @@ impl Repository {
         for host in hosts {
             match self.send(host, method.clone(), target, headers).await {
                 Ok(r) => return Ok(r),
-                Err(e @ (Error::NotFound { .. } | Error::Unavailable { .. })) => {
+                // Like containerd, any failure of a mirror moves on to the
+                // next host; the last host's error is the one reported.
+                Err(e) => {
                     tracing::debug!(host = %host.host, error = %e, "trying the next host");
                     last = Some(e);
                 }
-                Err(e) => return Err(e),
             }
         }
         Err(last.unwrap_or_else(|| Error::Unavailable {

@@ -541,6 +541,18 @@ impl Snapshots {
         })
     }
 
+    /// Adds snapshot `key` to this handle's lease (if any): a snapshot an
+    /// unpack reuses must not be collected before the image points at it.
+    pub fn hold(&self, key: &str) -> Result<()> {
+        if let Some(lease) = &self.lease {
+            let r = Resource::snapshot(self.root.name(), key);
+            self.root
+                .db
+                .transaction(|tx| add_resource_tx(tx, &self.namespace, lease, &r))?;
+        }
+        Ok(())
+    }
+
     /// The tree directories of committed snapshot `name` and its ancestors,
     /// newest first: the lowers of a layer rebased onto it.
     pub fn tree_dirs(&self, name: Option<&str>) -> Result<Vec<PathBuf>> {
