@@ -87,7 +87,10 @@ impl RootLock {
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
                 let socket = std::fs::read_to_string(&path).unwrap_or_default();
                 let root = root.display().to_string();
-                if socket.trim().is_empty() {
+                // A daemon that cannot get the lock meets a command (or
+                // another daemon); the file may still name a dead daemon.
+                let exclusive = matches!(arg, nix::fcntl::FlockArg::LockExclusiveNonblock);
+                if socket.trim().is_empty() || exclusive {
                     Err(LockError::Busy { root })
                 } else {
                     Err(LockError::HeldByDaemon {
