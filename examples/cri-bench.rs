@@ -1,7 +1,7 @@
 //! CRI load for `hack/bench`: ListImages latency and concurrent PullImage
 //! against a running `hoist serve`.
 //!
-//! cri-bench SOCKET list N               N ListImages calls; prints p50/p99 and the image count
+//! cri-bench SOCKET list N               N ListImages calls after one untimed call; p50/p99
 //! cri-bench SOCKET pull REF COUNT       COUNT concurrent PullImage calls of REF; prints seconds
 //! cri-bench SOCKET pull-tags PREFIX N   pulls PREFIX0..PREFIX{N-1}, 8 at a time
 //! cri-bench SOCKET rmi REF              RemoveImage
@@ -55,6 +55,9 @@ async fn main() -> anyhow::Result<()> {
         "list" => {
             let n: usize = arg(3)?.parse()?;
             let mut c = client(socket).await?;
+            // One untimed call first: the steady state is what kubelet sees
+            // between pulls; the first call after a pull rereads the store.
+            c.list_images(ListImagesRequest { filter: None }).await?;
             let mut times = Vec::with_capacity(n);
             let mut count = 0;
             for _ in 0..n {
