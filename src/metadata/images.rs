@@ -1,6 +1,8 @@
 //! Image records: a name, unique per namespace, pointing at a target descriptor.
 
-use super::{Db, Error, Labels, Result, from_nanos, load_all_labels, replace_labels, to_nanos};
+use super::{
+    Db, Error, Labels, Result, from_nanos, load_all_labels, load_labels, replace_labels, to_nanos,
+};
 use crate::descriptor::Descriptor;
 use crate::digest::Digest;
 use crate::filters::{Adaptor, Filter};
@@ -42,17 +44,35 @@ impl Adaptor for Image {
     }
 }
 
-/// Every image of `namespace` (`None`: all), with (namespace, image).
+/// Every image of `namespace` (`None`: all), with (namespace, image);
+/// with `name`, only that one.
 pub(crate) fn all_images(
     conn: &Connection,
     namespace: Option<&str>,
 ) -> rusqlite::Result<Vec<(String, Image)>> {
-    let mut labels = load_all_labels(conn, "image_labels", namespace)?;
+    select_images(conn, namespace, None)
+}
+
+fn select_images(
+    conn: &Connection,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> rusqlite::Result<Vec<(String, Image)>> {
+    // One image needs only its own labels, not the namespace's.
+    let mut labels = match (namespace, name) {
+        (Some(ns), Some(n)) => [(
+            (ns.to_string(), n.to_string()),
+            load_labels(conn, "image_labels", ns, n)?,
+        )]
+        .into(),
+        _ => load_all_labels(conn, "image_labels", namespace)?,
+    };
     let mut stmt = conn.prepare_cached(
         "SELECT namespace, name, media_type, digest, size, created_at, updated_at
-         FROM images WHERE ?1 IS NULL OR namespace = ?1 ORDER BY namespace, name",
+         FROM images WHERE (?1 IS NULL OR namespace = ?1) AND (?2 IS NULL OR name = ?2)
+         ORDER BY namespace, name",
     )?;
-    let rows = stmt.query_map(params![namespace], |r| {
+    let rows = stmt.query_map(params![namespace, name], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, String>(1)?,
@@ -86,9 +106,9 @@ pub(crate) fn all_images(
 
 impl Db {
     pub fn image(&self, namespace: &str, name: &str) -> Result<Image> {
-        self.list_images(namespace, &Filter::default())?
-            .into_iter()
-            .find(|i| i.name == name)
+        self.transaction(|tx| select_images(tx, Some(namespace), Some(name)))?
+            .pop()
+            .map(|(_, image)| image)
             .ok_or_else(|| Error::NotFound(format!("image {name:?}")))
     }
 
