@@ -170,21 +170,7 @@ async fn push_user_image(reg: &Registry, repo: &str, tag: &str, user: &str, seed
         "architecture": host_arch(), "os": "linux", "config": {"User": user},
         "rootfs": {"type": "layers", "diff_ids": [diff_id(&layer).to_string()]},
     });
-    let c = reg
-        .push_blob(
-            repo,
-            config.to_string().as_bytes(),
-            hoist::images::OCI_CONFIG,
-        )
-        .await;
-    let manifest = json!({"schemaVersion": 2, "mediaType": hoist::images::OCI_MANIFEST, "config": c, "layers": [l]});
-    reg.push_manifest(
-        repo,
-        tag,
-        hoist::images::OCI_MANIFEST,
-        manifest.to_string().as_bytes(),
-    )
-    .await;
+    let (c, _) = push_manifest_over(reg, repo, Some(tag), false, &config, &[l]).await;
     c.digest.to_string()
 }
 

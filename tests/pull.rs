@@ -481,17 +481,8 @@ async fn unknown_references_and_media_types_are_named() {
     let blob = reg
         .push_blob("odd/app", b"weird", "application/x-weird")
         .await;
-    let config = reg
-        .push_blob("odd/app", b"{}", hoist::images::OCI_CONFIG)
-        .await;
-    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": hoist::images::OCI_MANIFEST, "config": config, "layers": [blob]});
-    reg.push_manifest(
-        "odd/app",
-        "1",
-        hoist::images::OCI_MANIFEST,
-        manifest.to_string().as_bytes(),
-    )
-    .await;
+    let config = serde_json::json!({});
+    push_manifest_over(&reg, "odd/app", Some("1"), false, &config, &[blob]).await;
     let err = pull(&p, &format!("{}/odd/app:1", reg.addr))
         .await
         .unwrap_err();
@@ -632,21 +623,8 @@ async fn gzip_zstd_and_uncompressed_layers_are_fetched() {
                 .await,
         );
     }
-    let config = reg
-        .push_blob(
-            "mixed/app",
-            b"{\"os\":\"linux\"}",
-            hoist::images::OCI_CONFIG,
-        )
-        .await;
-    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": hoist::images::OCI_MANIFEST, "config": config, "layers": layers});
-    reg.push_manifest(
-        "mixed/app",
-        "1",
-        hoist::images::OCI_MANIFEST,
-        manifest.to_string().as_bytes(),
-    )
-    .await;
+    let config = serde_json::json!({"os": "linux"});
+    push_manifest_over(&reg, "mixed/app", Some("1"), false, &config, &layers).await;
     let dir = tempfile::tempdir().unwrap();
     let p = puller(dir.path(), Duration::from_secs(10));
     let pulled = pull(&p, &format!("{}/mixed/app:1", reg.addr))

@@ -54,21 +54,7 @@ async fn push_layers(
         "architecture": host_arch(), "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": diff_ids.iter().map(|d| d.to_string()).collect::<Vec<_>>()},
     });
-    let config = reg
-        .push_blob(
-            repo,
-            config.to_string().as_bytes(),
-            hoist::images::OCI_CONFIG,
-        )
-        .await;
-    let manifest = json!({"schemaVersion": 2, "mediaType": hoist::images::OCI_MANIFEST, "config": config, "layers": descs});
-    reg.push_manifest(
-        repo,
-        tag,
-        hoist::images::OCI_MANIFEST,
-        manifest.to_string().as_bytes(),
-    )
-    .await;
+    push_manifest_over(reg, repo, Some(tag), false, &config, &descs).await;
 }
 
 fn layers() -> Vec<Vec<u8>> {

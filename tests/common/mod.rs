@@ -251,6 +251,36 @@ pub struct Pushed {
     pub layers: Vec<Descriptor>,
 }
 
+/// Pushes `config` as an image config and a manifest over it and
+/// `layers` (already pushed); returns (config, manifest).
+pub async fn push_manifest_over(
+    reg: &Registry,
+    repo: &str,
+    tag: Option<&str>,
+    docker: bool,
+    config: &serde_json::Value,
+    layers: &[Descriptor],
+) -> (Descriptor, Descriptor) {
+    let (manifest_mt, config_mt) = if docker {
+        (hoist::images::DOCKER_MANIFEST, hoist::images::DOCKER_CONFIG)
+    } else {
+        (hoist::images::OCI_MANIFEST, hoist::images::OCI_CONFIG)
+    };
+    let config = reg
+        .push_blob(repo, config.to_string().as_bytes(), config_mt)
+        .await;
+    let manifest = json!({
+        "schemaVersion": 2, "mediaType": manifest_mt,
+        "config": config, "layers": layers,
+    });
+    let body = manifest.to_string();
+    let digest = Digest::of(body.as_bytes()).to_string();
+    let manifest = reg
+        .push_manifest(repo, tag.unwrap_or(&digest), manifest_mt, body.as_bytes())
+        .await;
+    (config, manifest)
+}
+
 /// Pushes config + layers + manifest (OCI or Docker media types).
 pub async fn push_image(
     reg: &Registry,
@@ -260,18 +290,10 @@ pub async fn push_image(
     platform: (&str, &str),
     docker: bool,
 ) -> Pushed {
-    let (manifest_mt, config_mt, layer_mt) = if docker {
-        (
-            hoist::images::DOCKER_MANIFEST,
-            hoist::images::DOCKER_CONFIG,
-            hoist::images::DOCKER_LAYER_GZIP,
-        )
+    let layer_mt = if docker {
+        hoist::images::DOCKER_LAYER_GZIP
     } else {
-        (
-            hoist::images::OCI_MANIFEST,
-            hoist::images::OCI_CONFIG,
-            hoist::images::OCI_LAYER_GZIP,
-        )
+        hoist::images::OCI_LAYER_GZIP
     };
     let mut pushed_layers = Vec::new();
     for l in layers {
@@ -282,18 +304,8 @@ pub async fn push_image(
         "config": {"User": "1002"},
         "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| diff_id(l).to_string()).collect::<Vec<_>>()},
     });
-    let config = reg
-        .push_blob(repo, config.to_string().as_bytes(), config_mt)
-        .await;
-    let manifest = json!({
-        "schemaVersion": 2, "mediaType": manifest_mt,
-        "config": config, "layers": pushed_layers,
-    });
-    let body = manifest.to_string();
-    let digest = Digest::of(body.as_bytes()).to_string();
-    let manifest = reg
-        .push_manifest(repo, tag.unwrap_or(&digest), manifest_mt, body.as_bytes())
-        .await;
+    let (config, manifest) =
+        push_manifest_over(reg, repo, tag, docker, &config, &pushed_layers).await;
     Pushed {
         manifest,
         config,
