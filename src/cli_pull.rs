@@ -73,10 +73,13 @@ pub async fn run(
                 .clone()
                 .unwrap_or_else(hoist::images::platform::host);
             let platform = hoist::images::platform_string(&platform);
-            let how = if u.parallel {
-                " (layers applied in parallel)"
-            } else {
-                ""
+            let how = match (u.parallel, u.streamed) {
+                (false, _) => String::new(),
+                (true, 0) => " (layers applied in parallel)".to_string(),
+                (true, n) => format!(
+                    " (layers applied in parallel, {n} of {} as they downloaded)",
+                    u.layers_applied
+                ),
             };
             println!(
                 "unpacking {platform} {}...done: {:.1?}{how}",

@@ -50,6 +50,7 @@ pub fn run(cli: Cli) -> Result<()> {
             docker_config: docker_config_path(),
         },
         progress_timeout,
+        ranged: file.ranged_fetch(),
         ..Default::default()
     };
     let puller = Puller::new(

@@ -46,6 +46,11 @@ pub struct Config {
     pub max_concurrent_downloads: Option<usize>,
     /// A duration such as `5m` or `90s`.
     pub pull_progress_timeout: Option<String>,
+    /// Bytes per range request when a layer that dominates its image is
+    /// fetched in parallel parts; 0 turns that off.
+    pub layer_part_size: Option<u64>,
+    /// Range requests in flight for such a layer.
+    pub layer_parts_at_once: Option<usize>,
     #[serde(default)]
     pub pinned_images: Vec<String>,
     pub log_format: Option<LogFormat>,
@@ -84,6 +89,15 @@ impl Config {
                 .map_err(|e| format!("pull_progress_timeout {s:?}: {e}")),
         }
     }
+
+    /// How dominant layers are fetched: the defaults, overridden by the file.
+    pub fn ranged_fetch(&self) -> crate::remote::RangedFetch {
+        let default = crate::remote::RangedFetch::default();
+        crate::remote::RangedFetch {
+            part_size: self.layer_part_size.unwrap_or(default.part_size),
+            parts_at_once: self.layer_parts_at_once.unwrap_or(default.parts_at_once),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -107,6 +121,7 @@ socket = "/run/x.sock"
 snapshotter = "native"
 max_concurrent_downloads = 5
 pull_progress_timeout = "90s"
+layer_part_size = 8388608
 pinned_images = ["registry.k8s.io/pause:3.10"]
 log_format = "json"
 [registry]
@@ -117,6 +132,8 @@ config_path = "/etc/containerd/certs.d"
         let c = Config::load(&path, true).unwrap();
         assert_eq!(c.progress_timeout().unwrap(), Duration::from_secs(90));
         assert_eq!(c.log_format, Some(LogFormat::Json));
+        let ranged = c.ranged_fetch();
+        assert_eq!((ranged.part_size, ranged.parts_at_once), (8 << 20, 4));
         assert_eq!(
             c.registry.config_path.as_deref(),
             Some(Path::new("/etc/containerd/certs.d"))

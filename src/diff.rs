@@ -1,12 +1,10 @@
-//! The applier: a layer blob from the content store, decompressed, hashed and
-//! applied into an active snapshot. For overlay the tar goes straight into
+//! The applier: a layer blob (from the content store or as it downloads),
+//! decompressed, hashed and applied into an active snapshot. For overlay the tar goes straight into
 //! the upper directory (as overlay whiteouts), without mounting anything.
 
 use crate::archive::{self, Applied, ApplyOptions, WhiteoutMode};
-use crate::content::Store;
 use crate::descriptor::Descriptor;
 use crate::images::{self, Compression, Kind};
-use crate::metadata::ContentStore;
 use crate::snapshot::{Snapshots, Snapshotter};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,9 +23,10 @@ pub enum Error {
     },
 }
 
-/// Applies `layer` into the active snapshot `key`; returns what the tar held.
+/// Applies `blob`, the bytes of `layer`, into the active snapshot `key`;
+/// returns what the tar held.
 pub fn apply(
-    store: &ContentStore,
+    blob: impl std::io::Read,
     layer: &Descriptor,
     snapshots: &Snapshots,
     key: &str,
@@ -47,7 +46,6 @@ pub fn apply(
         Some(userxattr) => WhiteoutMode::Overlay { userxattr, lowers },
         None => WhiteoutMode::Plain,
     };
-    let blob = std::io::BufReader::with_capacity(256 * 1024, store.reader_at(&layer.digest)?);
     let compression = match compression {
         Compression::None => archive::Compression::None,
         Compression::Gzip => archive::Compression::Gzip,

@@ -78,6 +78,12 @@ enum Command {
         /// Downloads that run at once
         #[arg(long, default_value_t = 3)]
         max_concurrent_downloads: usize,
+        /// Bytes per range request for a layer that dominates the image, fetched in parallel parts; 0 turns that off
+        #[arg(long, default_value_t = hoist::remote::RangedFetch::default().part_size)]
+        layer_part_size: u64,
+        /// Range requests in flight for such a layer
+        #[arg(long, default_value_t = hoist::remote::RangedFetch::default().parts_at_once)]
+        layer_parts_at_once: usize,
         reference: String,
     },
     /// List images: name, digest, size and platforms
@@ -216,6 +222,8 @@ fn run(cli: Cli) -> Result<()> {
             user,
             progress_timeout,
             max_concurrent_downloads,
+            layer_part_size,
+            layer_parts_at_once,
             reference,
         } => {
             let options = hoist::pull::PullOptions {
@@ -242,6 +250,10 @@ fn run(cli: Cli) -> Result<()> {
                     docker_config: docker_config_path(),
                 },
                 progress_timeout,
+                ranged: hoist::remote::RangedFetch {
+                    part_size: layer_part_size,
+                    parts_at_once: layer_parts_at_once,
+                },
                 ..Default::default()
             };
             let runtime = tokio::runtime::Runtime::new()?;

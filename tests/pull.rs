@@ -11,7 +11,7 @@ use hoist::filters::Filter;
 use hoist::metadata::Db;
 use hoist::pull::progress::{Progress, State};
 use hoist::pull::{PullOptions, Puller};
-use hoist::remote::{RegistryClient, RemoteOptions};
+use hoist::remote::{RangedFetch, RegistryClient, RemoteOptions};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +19,15 @@ use std::time::Duration;
 const NS: &str = "default";
 
 fn puller(root: &std::path::Path, timeout: Duration) -> Arc<Puller> {
+    puller_with(root, timeout, RangedFetch::default())
+}
+
+fn puller_with(root: &std::path::Path, timeout: Duration, ranged: RangedFetch) -> Arc<Puller> {
     let db = Db::open(root).unwrap();
     let remote = RemoteOptions {
         progress_timeout: timeout,
         attempts: 4,
+        ranged,
         ..Default::default()
     };
     Puller::new(db, RegistryClient::new(remote), 3, None)
@@ -286,6 +291,69 @@ async fn interrupted_blob_resumes_with_range() {
         Some(format!("bytes={half}-").as_str())
     );
     assert!(p.db().content_store(NS).info(&img.layers[0].digest).is_ok());
+}
+
+#[tokio::test]
+async fn a_dominant_layer_is_fetched_in_parallel_parts() {
+    let reg = Registry::start();
+    let proxy = Proxy::start(reg.addr.clone()).await;
+    let img = push_image(
+        &reg,
+        "parts/app",
+        Some("1"),
+        &[random_layer(9, 3000), random_layer(10, 600_000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let big = img.layers[1].clone();
+    let part = 64 << 10;
+    let ranged = RangedFetch {
+        part_size: part,
+        parts_at_once: 3,
+    };
+    let r = format!("{}/parts/app:1", proxy.addr);
+    proxy.target(&big.digest);
+    // The first part is cut off halfway and resumes within its range.
+    proxy.faults.lock().push(Fault::DropMidBlob);
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller_with(dir.path(), Duration::from_secs(30), ranged);
+    pull(&p, &r).await.unwrap();
+    let mut blob = p.db().content_store(NS).reader_at(&big.digest).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut blob, &mut got).unwrap();
+    assert_eq!(hoist::digest::Digest::of(&got), big.digest);
+    // Every part once, by a bounded range (the last open-ended), plus the
+    // resume of the cut part inside its own range.
+    let mut asked: Vec<String> = proxy
+        .blob_requests(&big.digest)
+        .into_iter()
+        .map(|r| r.range.unwrap_or_default())
+        .collect();
+    asked.sort();
+    let parts = big.size.div_ceil(part);
+    let mut want: Vec<String> = (0..parts)
+        .map(|i| match i + 1 == parts {
+            true => format!("bytes={}-", i * part),
+            false => format!("bytes={}-{}", i * part, (i + 1) * part - 1),
+        })
+        .collect();
+    want.push(format!("bytes={}-{}", part / 2, part - 1));
+    want.sort();
+    assert_eq!(asked, want);
+    // The small layer is not split.
+    let small = proxy.blob_requests(&img.layers[0].digest);
+    assert_eq!(small.len(), 1);
+    assert_eq!(small[0].range, None);
+
+    // A registry that ignores the first part's range: one stream instead.
+    proxy.seen.lock().clear();
+    proxy.faults.lock().push(Fault::IgnoreRange);
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller_with(dir.path(), Duration::from_secs(30), ranged);
+    pull(&p, &r).await.unwrap();
+    assert!(p.db().content_store(NS).info(&big.digest).is_ok());
+    assert_eq!(proxy.blob_requests(&big.digest).len(), 1);
 }
 
 #[tokio::test]

@@ -354,10 +354,11 @@ async fn parallel_and_sequential_unpack_give_identical_trees_as_root() {
             extra.is_none(),
             "{out}"
         );
-        let mnt = dir.path().join(format!("mnt-{name}"));
-        ok(&root, &["mount", &r, mnt.to_str().unwrap()]);
-        trees.push(full_tree(&mnt));
-        ok(&root, &["unmount", mnt.to_str().unwrap()]);
+        trees.push(mounted_tree(
+            &root,
+            &r,
+            &dir.path().join(format!("mnt-{name}")),
+        ));
     }
     assert!(
         trees[0]["opt"].contains("mode=40750 uid=1000 gid=1001 mtime=1600000000000000000"),
@@ -365,4 +366,155 @@ async fn parallel_and_sequential_unpack_give_identical_trees_as_root() {
         trees[0]["opt"]
     );
     assert_eq!(trees[0], trees[1]);
+}
+
+/// Pulls `r` into `root` with the library, unpacking on overlayfs.
+async fn pull_with(
+    root: &Path,
+    r: &str,
+    ranged: hoist::remote::RangedFetch,
+    no_unpack: bool,
+) -> hoist::pull::Result<Option<hoist::pull::unpack::Unpacked>> {
+    use hoist::pull::{PullOptions, Puller, progress::Progress};
+    let db = hoist::metadata::Db::open(root).unwrap();
+    let snapshots = hoist::snapshot::open(&db, Some("overlayfs")).unwrap();
+    let remote = hoist::remote::RemoteOptions {
+        attempts: 4,
+        ranged,
+        ..Default::default()
+    };
+    let puller = Puller::new(
+        db,
+        hoist::remote::RegistryClient::new(remote),
+        3,
+        Some(snapshots),
+    );
+    let options = PullOptions {
+        no_unpack,
+        ..Default::default()
+    };
+    let pulled = puller
+        .pull("default", r, &options, &Progress::default())
+        .await?;
+    Ok(pulled.manifests[0].unpacked.clone())
+}
+
+fn mounted_tree(root: &Path, r: &str, mnt: &Path) -> BTreeMap<String, String> {
+    ok(root, &["mount", r, mnt.to_str().unwrap()]);
+    let tree = full_tree(mnt);
+    ok(root, &["unmount", mnt.to_str().unwrap()]);
+    tree
+}
+
+/// Each layer of a fresh pull applies from its download as it happens and
+/// is never read back from the store: through a dropped connection, a
+/// registry that ignores Range, and a dominant layer fetched as parallel
+/// parts. Blobs stored earlier apply from the store. Every tree is the one
+/// a sequential apply gives.
+#[tokio::test]
+async fn layers_stream_once_through_faults_and_parts_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use common::proxy::{Fault, Proxy};
+    use hoist::remote::RangedFetch;
+    let reg = Registry::start();
+    let proxy = Proxy::start(reg.addr.clone()).await;
+    let mut layers = layers();
+    layers.push(random_layer(11, 700_000));
+    let diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
+    push_layers(&reg, "stream/app", "1", &layers, &diffs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let direct = format!("{}/stream/app:1", reg.addr);
+    let seq = dir.path().join("sequential");
+    let args = [
+        "pull",
+        "--hosts-dir",
+        "/nonexistent",
+        "--snapshotter",
+        "overlayfs",
+        "--sequential-unpack",
+        &direct,
+    ];
+    ok(&seq, &args);
+    let reference = mounted_tree(&seq, &direct, &dir.path().join("mnt-seq"));
+    assert!(reference["data.bin"].contains(" size=700000 "));
+
+    let r = format!("{}/stream/app:1", proxy.addr);
+    proxy.target(&Digest::of(&layers[3]));
+    let parts = RangedFetch {
+        part_size: 64 << 10,
+        parts_at_once: 3,
+    };
+    let one_stream = RangedFetch {
+        part_size: 0,
+        parts_at_once: 1,
+    };
+    // Faults pop from the end.
+    let cases = [
+        ("parts", parts, vec![Fault::DropMidBlob]),
+        (
+            "stream",
+            one_stream,
+            vec![Fault::IgnoreRange, Fault::DropMidBlob],
+        ),
+    ];
+    for (name, ranged, faults) in cases {
+        let root = dir.path().join(name);
+        proxy.faults.lock().extend(faults);
+        let u = pull_with(&root, &r, ranged, false).await.unwrap().unwrap();
+        assert!(
+            proxy.faults.lock().is_empty(),
+            "{name}: every fault was hit"
+        );
+        assert!(u.parallel, "{name}");
+        assert_eq!(u.layers_applied, layers.len(), "{name}");
+        assert_eq!(u.streamed, layers.len(), "{name}: {u:?}");
+        let tree = mounted_tree(&root, &r, &dir.path().join(format!("mnt-{name}")));
+        assert_eq!(tree, reference, "{name}");
+    }
+
+    // Fetched without unpacking first: the unpack reads the store.
+    let root = dir.path().join("stored");
+    assert!(pull_with(&root, &r, parts, true).await.unwrap().is_none());
+    let u = pull_with(&root, &r, parts, false).await.unwrap().unwrap();
+    assert_eq!((u.layers_applied, u.streamed), (layers.len(), 0));
+    let tree = mounted_tree(&root, &r, &dir.path().join("mnt-stored"));
+    assert_eq!(tree, reference);
+}
+
+/// A layer whose bytes do not match its digest fails the pull even though
+/// its apply began before the digest could be checked: nothing of it is
+/// committed, and GC leaves only the empty root.
+#[tokio::test]
+async fn a_damaged_layer_applied_as_it_downloads_leaves_nothing_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let reg = Registry::start();
+    let mut layers = layers();
+    layers.push(random_layer(12, 300_000));
+    let diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
+    push_layers(&reg, "stream/bad", "1", &layers, &diffs).await;
+    // Same length, one byte changed in the middle of the big layer.
+    let big = Digest::of(&layers[3]);
+    let path = reg.blob_data_path(&big);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let r = format!("{}/stream/bad:1", reg.addr);
+    let err = pull_with(&root, &r, hoist::remote::RangedFetch::default(), false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&big.to_string()), "{err}");
+    ok(&root, &["gc"]);
+    let snaps = ok(&root, &["snapshots", "ls"]);
+    assert_eq!(snaps.lines().count(), 1, "{snaps}");
+    assert!(ok(&root, &["content", "ls", "-q"]).trim().is_empty());
+    assert!(ok(&root, &["images", "-q"]).trim().is_empty());
 }

@@ -1,41 +1,203 @@
 //! Streams one blob from the registry into a content-store ingest: the
 //! network side is async, the writer runs on a blocking thread fed through a
-//! bounded channel, so a layer is never held in memory. An interrupted
-//! download resumes from the ingest's offset with `Range`.
+//! bounded channel, so a layer is never held in memory. The same bytes can
+//! go to the layer's apply as they arrive (a [`FeedSender`]), so a layer
+//! streams once.
+//!
+//! An interrupted download resumes from where it is with `Range`; a
+//! registry that ignores the range sends the whole blob again, and the part
+//! already stored is skipped. A layer that dominates its image can be
+//! fetched as parallel range requests, handed on in order.
 
+use super::feed::FeedSender;
 use super::progress::{Progress, State};
 use super::{Error, Result};
 use crate::content::{Error as ContentError, IoContext, Labels, Store};
 use crate::descriptor::Descriptor;
 use crate::metadata::ContentStore;
 use crate::remote::client::{Repository, backoff, error_chain};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use reqwest::{Response, StatusCode};
 use std::io::Write;
-use tokio::sync::{mpsc, oneshot};
+use std::ops::Range;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 enum Command {
     Write(Bytes),
-    /// The registry ignored our `Range`: start the ingest over.
-    Restart,
     Commit(Labels),
 }
 
-/// Fetches `desc` into `store` under the ingest ref `key`, unless it exists.
-pub async fn fetch_blob(
-    repo: &Repository,
-    store: &ContentStore,
-    desc: &Descriptor,
-    key: &str,
-    labels: Labels,
-    progress: &Progress,
-) -> Result<State> {
-    let (offset_tx, offset_rx) = oneshot::channel();
-    let (tx, mut rx) = mpsc::channel::<Command>(16);
-    let writer_store = store.clone();
-    let writer_desc = desc.clone();
-    let writer_key = key.to_string();
-    let writer = tokio::task::spawn_blocking(move || -> crate::content::Result<bool> {
-        let mut w = match writer_store.writer(&writer_key, Some(&writer_desc)) {
+/// Why a download stopped early.
+enum Stop {
+    /// The ingest writer failed; its own error is the one to report.
+    Writer,
+    Failed(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Stop::Failed(e)
+    }
+}
+
+impl From<crate::remote::Error> for Stop {
+    fn from(e: crate::remote::Error) -> Self {
+        Stop::Failed(e.into())
+    }
+}
+
+/// One blob to fetch into `store` under the ingest ref `key`.
+pub struct BlobFetch<'a> {
+    pub repo: &'a Repository,
+    pub store: &'a ContentStore,
+    pub desc: &'a Descriptor,
+    pub key: &'a str,
+    pub labels: Labels,
+    pub progress: &'a Progress,
+    /// Download slots; a blob already stored needs none.
+    pub downloads: &'a Semaphore,
+    /// Where the bytes also go as they arrive. It goes live only for a blob
+    /// downloaded from its first byte; otherwise it is dropped unused.
+    pub feed: Option<FeedSender>,
+    /// Fetch in parallel parts (`RemoteOptions::ranged`), when the registry
+    /// honours ranges.
+    pub ranged: bool,
+}
+
+/// Where downloaded bytes go, in order: the ingest, the feed, the progress.
+struct Sink<'a> {
+    tx: mpsc::Sender<Command>,
+    feed: Option<FeedSender>,
+    offset: u64,
+    key: &'a str,
+    progress: &'a Progress,
+}
+
+impl Sink<'_> {
+    async fn deliver(&mut self, chunk: Bytes) -> Result<(), Stop> {
+        self.offset += chunk.len() as u64;
+        if let Some(feed) = &self.feed {
+            // An apply that has gone (it failed) no longer wants the bytes;
+            // the blob still has to reach the store.
+            if !feed.send(chunk.clone()).await {
+                self.feed = None;
+            }
+        }
+        self.tx
+            .send(Command::Write(chunk))
+            .await
+            .map_err(|_| Stop::Writer)?;
+        self.progress.advance(self.key, self.offset);
+        Ok(())
+    }
+}
+
+impl BlobFetch<'_> {
+    /// Fetches the blob unless the store has it (in any namespace: then it
+    /// is taken into this one, under the pull's lease).
+    pub async fn run(self) -> Result<State> {
+        let (desc, key, progress) = (self.desc, self.key, self.progress);
+        let (offset_tx, offset_rx) = oneshot::channel();
+        let (tx, rx) = mpsc::channel::<Command>(16);
+        let writer = spawn_writer(
+            self.store.clone(),
+            desc.clone(),
+            key.to_string(),
+            offset_tx,
+            rx,
+        );
+        let Ok(Some(offset)) = offset_rx.await else {
+            // Either the blob exists or opening the writer failed; the task says which.
+            return match writer.await {
+                Ok(Ok(_)) => Ok(State::Exists),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(Error::Internal(format!("ingest writer: {e}"))),
+            };
+        };
+        let _slot = self
+            .downloads
+            .acquire()
+            .await
+            .map_err(|e| Error::Internal(format!("download limiter: {e}")))?;
+        progress.set(key, State::Downloading, desc.size);
+        progress.advance(key, offset);
+        let mut sink = Sink {
+            tx,
+            // Resuming an ingest: the apply reads the stored blob later.
+            feed: self.feed.filter(|_| offset == 0),
+            offset,
+            key,
+            progress,
+        };
+        let ranged = self.repo.options().ranged;
+        let downloaded = if self.ranged && offset == 0 {
+            download_in_parts(
+                self.repo,
+                desc,
+                &mut sink,
+                ranged.part_size,
+                ranged.parts_at_once,
+            )
+            .await
+        } else {
+            download_rest(self.repo, desc, &mut sink, None).await
+        };
+        let Sink { tx, feed, .. } = sink;
+        let failure = match downloaded {
+            Ok(()) => None,
+            Err(Stop::Writer) => Some(None),
+            Err(Stop::Failed(e)) => Some(Some(e)),
+        };
+        if let Some(failure) = failure {
+            drop(tx);
+            let written = writer.await;
+            progress.set(key, State::Failed, desc.size);
+            let e = match (failure, written) {
+                (Some(e), _) => e,
+                (None, Ok(Err(e))) => e.into(),
+                (None, _) => Error::Internal(format!("ingest {key} closed before commit")),
+            };
+            if let Some(feed) = feed {
+                feed.fail(e.to_string());
+            }
+            return Err(e);
+        }
+        // The writer may already have failed; its error is the one to report.
+        let _ = tx.send(Command::Commit(self.labels)).await;
+        drop(tx);
+        let outcome = match writer.await {
+            Ok(Ok(true)) => Ok(State::Done),
+            Ok(Ok(false)) => Err(Error::Internal(format!(
+                "ingest {key} closed before commit"
+            ))),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(Error::Internal(format!("ingest writer: {e}"))),
+        };
+        match (&outcome, feed) {
+            (Ok(_), Some(feed)) => feed.done(),
+            (Err(e), Some(feed)) => feed.fail(e.to_string()),
+            _ => {}
+        }
+        if outcome.is_err() {
+            progress.set(key, State::Failed, desc.size);
+        }
+        outcome
+    }
+}
+
+/// The ingest writer on a blocking thread: it reports the ingest's offset
+/// (`None` when the blob exists), then writes and commits what it is sent.
+/// `Ok(true)` once committed.
+fn spawn_writer(
+    store: ContentStore,
+    desc: Descriptor,
+    key: String,
+    offset_tx: oneshot::Sender<Option<u64>>,
+    mut rx: mpsc::Receiver<Command>,
+) -> tokio::task::JoinHandle<crate::content::Result<bool>> {
+    tokio::task::spawn_blocking(move || {
+        let mut w = match store.writer(&key, Some(&desc)) {
             Ok(w) => w,
             Err(ContentError::AlreadyExists(_)) => {
                 let _ = offset_tx.send(None);
@@ -48,10 +210,9 @@ pub async fn fetch_blob(
             match cmd {
                 Command::Write(b) => w
                     .write_all(&b)
-                    .context(|| format!("writing ingest {writer_key}"))?,
-                Command::Restart => w.truncate(0)?,
+                    .context(|| format!("writing ingest {key}"))?,
                 Command::Commit(labels) => {
-                    return match w.commit(writer_desc.size, Some(&writer_desc.digest), labels) {
+                    return match w.commit(desc.size, Some(&desc.digest), labels) {
                         Ok(_) | Err(ContentError::AlreadyExists(_)) => Ok(true),
                         Err(e) => Err(e),
                     };
@@ -60,112 +221,174 @@ pub async fn fetch_blob(
         }
         // Dropped without commit: the ingest stays for a later resume.
         Ok(false)
-    });
-    let Ok(Some(mut offset)) = offset_rx.await else {
-        // Either the blob exists or opening the writer failed; the task says which.
-        return match writer.await {
-            Ok(Ok(_)) => Ok(State::Exists),
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(Error::Internal(format!("ingest writer: {e}"))),
-        };
-    };
-    let timeout = repo_timeout(repo);
-    let attempts = repo_attempts(repo);
-    let mut attempt = 0;
-    let failure = 'download: loop {
-        attempt += 1;
-        if offset == desc.size {
-            break 'download None;
-        }
-        progress.set(key, State::Downloading, desc.size);
-        progress.advance(key, offset);
-        let mut response = match repo.blob(desc, offset).await {
-            Ok(r) => r,
-            Err(e) => break 'download Some(Error::from(e)),
-        };
-        if offset > 0 && response.status() != reqwest::StatusCode::PARTIAL_CONTENT {
-            tracing::info!(%key, offset, "registry ignored Range; starting the blob over");
-            if tx.send(Command::Restart).await.is_err() {
-                break 'download None;
+    })
+}
+
+/// The rest of the blob, from the sink's offset, as one stream.
+async fn download_rest(
+    repo: &Repository,
+    desc: &Descriptor,
+    sink: &mut Sink<'_>,
+    first: Option<Response>,
+) -> Result<(), Stop> {
+    let range = sink.offset..desc.size;
+    download_range(repo, desc, range, first, Dest::Sink(sink)).await
+}
+
+/// The blob as consecutive parts, `at_once` requests in flight, each part
+/// whole in memory until its turn; falls back to one stream when the
+/// registry ignores the range of the first.
+async fn download_in_parts(
+    repo: &Repository,
+    desc: &Descriptor,
+    sink: &mut Sink<'_>,
+    part_size: u64,
+    at_once: usize,
+) -> Result<(), Stop> {
+    let part_size = part_size.max(1);
+    let probe = repo.blob(desc, 0..part_size.min(desc.size)).await?;
+    if probe.status() != StatusCode::PARTIAL_CONTENT {
+        tracing::info!(blob = %desc.digest, "registry ignored Range; fetching the blob as one stream");
+        return download_rest(repo, desc, sink, Some(probe)).await;
+    }
+    tracing::debug!(blob = %desc.digest, part_size, at_once, "fetching in parallel parts");
+    let mut probe = Some(probe);
+    let parts = (0..desc.size.div_ceil(part_size))
+        .map(|i| i * part_size..((i + 1) * part_size).min(desc.size))
+        .map(|range| {
+            let first = probe.take();
+            async move {
+                let mut buf = BytesMut::with_capacity((range.end - range.start) as usize);
+                download_range(repo, desc, range, first, Dest::Buffer(&mut buf))
+                    .await
+                    .map(|()| buf.freeze())
             }
-            offset = 0;
+        });
+    let mut parts = futures_util::stream::iter(parts).buffered(at_once.max(1));
+    while let Some(part) = parts.next().await {
+        sink.deliver(part?).await?;
+    }
+    Ok(())
+}
+
+/// Where [`download_range`] puts what it downloads.
+enum Dest<'a, 'b> {
+    /// Straight on, as it arrives.
+    Sink(&'a mut Sink<'b>),
+    /// Held for its turn (a part of a ranged fetch).
+    Buffer(&'a mut BytesMut),
+}
+
+impl Dest<'_, '_> {
+    async fn put(&mut self, chunk: Bytes) -> Result<(), Stop> {
+        match self {
+            Dest::Sink(sink) => sink.deliver(chunk).await,
+            Dest::Buffer(buf) => {
+                buf.extend_from_slice(&chunk);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Downloads `range` of the blob, each chunk to `into` in order. A
+/// dropped connection resumes within the range; every read is bounded by
+/// the progress timeout. `first` is a response already started for it.
+async fn download_range(
+    repo: &Repository,
+    desc: &Descriptor,
+    range: Range<u64>,
+    mut first: Option<Response>,
+    mut into: Dest<'_, '_>,
+) -> Result<(), Stop> {
+    let options = repo.options();
+    let (timeout, attempts) = (options.progress_timeout, options.attempts.max(1));
+    let want = range.end - range.start;
+    let registry = repo.registry().to_string();
+    let unavailable = |message: String| {
+        Stop::Failed(Error::Remote(crate::remote::Error::Unavailable {
+            registry: registry.clone(),
+            message: format!("blob {}: {message}", desc.digest),
+        }))
+    };
+    let protocol = |message: String| {
+        Stop::Failed(Error::Remote(crate::remote::Error::Protocol {
+            registry: registry.clone(),
+            what: format!("blob {}", desc.digest),
+            message,
+        }))
+    };
+    let mut got = 0u64;
+    let mut attempt = 0;
+    'request: loop {
+        attempt += 1;
+        if got == want {
+            return Ok(());
+        }
+        let from = range.start + got;
+        let mut response = match first.take() {
+            Some(r) => r,
+            None => repo.blob(desc, from..range.end).await?,
+        };
+        // Bytes of a whole-blob answer that come before the ones wanted.
+        let mut skip = 0;
+        let asked_range = from > 0 || range.end < desc.size;
+        if asked_range && response.status() != StatusCode::PARTIAL_CONTENT {
+            if range.end < desc.size {
+                return Err(protocol(format!(
+                    "answered a request for bytes {from}..{} with {}",
+                    range.end,
+                    response.status()
+                )));
+            }
+            tracing::info!(blob = %desc.digest, from, "registry ignored Range; skipping what is stored");
+            skip = from;
         }
         loop {
             match tokio::time::timeout(timeout, response.chunk()).await {
                 Err(_) => {
-                    break 'download Some(Error::Remote(crate::remote::Error::NoProgress {
-                        what: format!("blob {}", desc.digest),
-                        timeout,
-                    }));
-                }
-                Ok(Ok(Some(chunk))) => {
-                    offset += chunk.len() as u64;
-                    if offset > desc.size {
-                        break 'download Some(Error::Remote(crate::remote::Error::Protocol {
-                            registry: repo.registry().to_string(),
+                    return Err(Stop::Failed(Error::Remote(
+                        crate::remote::Error::NoProgress {
                             what: format!("blob {}", desc.digest),
-                            message: format!(
-                                "more than the {} bytes its descriptor says",
-                                desc.size
-                            ),
+                            timeout,
+                        },
+                    )));
+                }
+                Ok(Ok(Some(mut chunk))) => {
+                    if skip > 0 {
+                        let n = skip.min(chunk.len() as u64);
+                        let _ = chunk.split_to(n as usize);
+                        skip -= n;
+                    }
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    got += chunk.len() as u64;
+                    if got > want {
+                        return Err(protocol(if range.end == desc.size {
+                            format!("more than the {} bytes its descriptor says", desc.size)
+                        } else {
+                            format!("more than the {want} bytes asked for at {}", range.start)
                         }));
                     }
-                    if tx.send(Command::Write(chunk)).await.is_err() {
-                        break 'download None;
-                    }
-                    progress.advance(key, offset);
+                    into.put(chunk).await?;
                 }
-                Ok(Ok(None)) if offset == desc.size => break 'download None,
+                Ok(Ok(None)) if got == want => return Ok(()),
                 // Early EOF or a dropped connection: resume from where we are.
                 Ok(Ok(None)) | Ok(Err(_)) if attempt < attempts => {
-                    tracing::info!(%key, offset, attempt, "blob download interrupted; resuming");
+                    tracing::info!(blob = %desc.digest, at = range.start + got, attempt, "blob download interrupted; resuming");
                     tokio::time::sleep(backoff(attempt, None)).await;
-                    continue 'download;
+                    continue 'request;
                 }
                 Ok(Ok(None)) => {
-                    break 'download Some(Error::Remote(crate::remote::Error::Unavailable {
-                        registry: repo.registry().to_string(),
-                        message: format!(
-                            "blob {}: stream ended at {offset} of {} bytes",
-                            desc.digest, desc.size
-                        ),
-                    }));
+                    return Err(unavailable(format!(
+                        "stream ended at {} of {} bytes",
+                        range.start + got,
+                        desc.size
+                    )));
                 }
-                Ok(Err(e)) => {
-                    break 'download Some(Error::Remote(crate::remote::Error::Unavailable {
-                        registry: repo.registry().to_string(),
-                        message: format!("blob {}: {}", desc.digest, error_chain(&e)),
-                    }));
-                }
+                Ok(Err(e)) => return Err(unavailable(error_chain(&e))),
             }
         }
-    };
-    if let Some(e) = failure {
-        drop(tx);
-        let _ = writer.await;
-        progress.set(key, State::Failed, desc.size);
-        return Err(e);
     }
-    // The writer may already have failed; its error is the one to report.
-    let _ = tx.send(Command::Commit(labels)).await;
-    drop(tx);
-    match writer.await {
-        Ok(Ok(true)) => Ok(State::Done),
-        Ok(Ok(false)) => Err(Error::Internal(format!(
-            "ingest {key} closed before commit"
-        ))),
-        Ok(Err(e)) => {
-            progress.set(key, State::Failed, desc.size);
-            Err(e.into())
-        }
-        Err(e) => Err(Error::Internal(format!("ingest writer: {e}"))),
-    }
-}
-
-fn repo_timeout(repo: &Repository) -> std::time::Duration {
-    repo.options().progress_timeout
-}
-
-fn repo_attempts(repo: &Repository) -> u32 {
-    repo.options().attempts.max(1)
 }

@@ -2,6 +2,7 @@
 //! store under a lease, then record the image. Used by both the CLI and the
 //! CRI service.
 
+pub mod feed;
 pub mod fetch;
 pub mod progress;
 pub mod unpack;
@@ -24,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -335,40 +336,66 @@ impl Job<'_> {
         let labels = images::gc_child_labels(Kind::Manifest, &children);
         self.store_manifest(desc, Kind::Manifest, labels, body)
             .await?;
-        // Each stored child's index goes to the unpacker, which applies
-        // layer i as soon as layers 0..=i are in.
-        let (ready_tx, ready) = mpsc::channel(children.len());
-        let fetches: Vec<_> = children
+        // The config first: it says which layers need applying, and those
+        // are fed to their applies as they download.
+        let config = &manifest.config;
+        let (arrived, arrivals) = unpack::arrivals(children.len());
+        self.fetch_data_blob(config, None, false).await?;
+        arrived.send_modify(|stored| stored[0] = true);
+        let plan = match self.snapshots {
+            Some(snapshots) => Some(
+                unpack::plan(
+                    &self.puller,
+                    self.store,
+                    snapshots,
+                    config,
+                    &manifest.layers,
+                    self.options.sequential_unpack,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let total: u64 = manifest.layers.iter().map(|l| l.size).sum();
+        let ranged = self.repo.options().ranged;
+        let mut feeds = Vec::with_capacity(manifest.layers.len());
+        let fetches: Vec<_> = manifest
+            .layers
             .iter()
             .enumerate()
-            .map(|(i, c)| {
-                let ready_tx = ready_tx.clone();
+            .map(|(i, layer)| {
+                let (tx, rx) = match &plan {
+                    Some(p) if p.streams(i) => {
+                        let (tx, rx) = feed::feed(feed::FEED_BUDGET);
+                        (Some(tx), Some(rx))
+                    }
+                    _ => (None, None),
+                };
+                feeds.push(rx);
+                let arrived = &arrived;
+                let in_parts = ranged.applies(layer.size, total);
                 async move {
-                    self.fetch_data_blob(c).await?;
-                    let _ = ready_tx.send(i).await;
+                    self.fetch_data_blob(layer, tx, in_parts).await?;
+                    arrived.send_modify(|stored| stored[i + 1] = true);
                     Ok::<_, Error>(())
                 }
             })
             .collect();
-        drop(ready_tx);
         let unpacking = async {
-            match self.snapshots {
-                Some(snapshots) => {
-                    let puller = &*self.puller;
-                    let config = &manifest.config;
+            match (plan, self.snapshots) {
+                (Some(plan), Some(snapshots)) => {
                     let u = unpack::unpack(
-                        puller,
+                        plan,
                         self.store,
                         snapshots,
                         config,
-                        &manifest.layers,
-                        ready,
-                        self.options.sequential_unpack,
+                        arrivals,
+                        feeds,
                         self.progress,
                     );
                     u.await.map(Some)
                 }
-                None => Ok(None),
+                _ => Ok(None),
             }
         };
         let (_, unpacked) = tokio::try_join!(try_join_all(fetches), unpacking)?;
@@ -420,46 +447,34 @@ impl Job<'_> {
     }
 
     /// A config or layer, streamed; each digest downloads once at a time.
-    async fn fetch_data_blob(&self, desc: &Descriptor) -> Result<()> {
+    /// `feed` gets the bytes as they arrive, if this pull downloads them.
+    async fn fetch_data_blob(
+        &self,
+        desc: &Descriptor,
+        feed: Option<feed::FeedSender>,
+        in_parts: bool,
+    ) -> Result<()> {
         let key = progress_key(images::kind(desc)?, &desc.digest);
         self.progress.set(&key, State::Waiting, desc.size);
         let lock = self.puller.blob_lock(&desc.digest);
         let _once = lock.lock().await;
         let (k, v) = images::distribution_source_label(self.repo.registry(), self.repo.path());
         let labels: Labels = [(k, v)].into();
-        // A blob already here (in any namespace) is taken under this pull's
-        // lease without waiting for a download slot.
-        let (store, d, k) = (self.store.clone(), desc.clone(), key.clone());
-        let present = blocking(move || match store.writer(&k, Some(&d)) {
-            Err(ContentError::AlreadyExists(_)) => Ok(true),
-            Ok(_) => Ok(false),
-            Err(e) => Err(e),
-        })
-        .await??;
-        if present {
-            let (store, digest) = (self.store.clone(), desc.digest.clone());
-            blocking(move || merge_labels(&store, &digest, labels)).await??;
-            self.progress.set(&key, State::Exists, desc.size);
-            return Ok(());
-        }
-        let _slot = self
-            .puller
-            .downloads
-            .acquire()
-            .await
-            .map_err(|e| Error::Internal(format!("download limiter: {e}")))?;
-        let state = fetch::fetch_blob(
-            self.repo,
-            self.store,
+        let state = fetch::BlobFetch {
+            repo: self.repo,
+            store: self.store,
             desc,
-            &key,
-            labels.clone(),
-            self.progress,
-        )
+            key: &key,
+            labels: labels.clone(),
+            progress: self.progress,
+            downloads: &self.puller.downloads,
+            feed,
+            ranged: in_parts,
+        }
+        .run()
         .await?;
         if state == State::Exists {
-            let store = self.store.clone();
-            let digest = desc.digest.clone();
+            let (store, digest) = (self.store.clone(), desc.digest.clone());
             blocking(move || merge_labels(&store, &digest, labels)).await??;
         }
         self.progress.set(&key, state, desc.size);

@@ -8,21 +8,25 @@
 //! take the metadata the lowers have for them, which is all a sequential
 //! apply would have done differently. A layer whose parallel apply fails
 //! (a hardlink into a lower, say) is applied again sequentially.
+//!
+//! In parallel, a layer this pull downloads applies as its bytes arrive
+//! (a live feed from the fetch), so it streams once and is never read back
+//! from the store; a layer already stored applies from the store.
 
+use super::feed::{FeedReader, FeedReceiver};
 use super::progress::{Progress, State};
 use super::{Error, Result, blocking};
 use crate::archive::Applied;
-use crate::content::Labels;
+use crate::content::{Labels, Store};
 use crate::descriptor::Descriptor;
 use crate::digest::Digest;
 use crate::images;
 use crate::metadata::ContentStore;
 use crate::snapshot::{Error as SnapshotError, Snapshots, Snapshotter};
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedMutexGuard, Semaphore, oneshot, watch};
 
 pub const LABEL_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 
@@ -34,33 +38,30 @@ pub struct Unpacked {
     pub chain_id: Digest,
     pub layers_applied: usize,
     pub parallel: bool,
+    /// Layers applied from their download as it happened, never read back
+    /// from the store.
+    pub streamed: usize,
     pub duration: Duration,
 }
 
-/// Which descriptors (0: config, 1..: layers) are in the content store.
-struct Arrivals {
-    ready: mpsc::Receiver<usize>,
-    arrived: HashSet<usize>,
+/// Which descriptors (0: config, 1..: layers) are in the content store;
+/// the fetch side marks them in the sender [`arrivals`] returns.
+#[derive(Clone)]
+pub struct Arrivals(watch::Receiver<Vec<bool>>);
+
+/// A board of `n` descriptors, none stored yet.
+pub fn arrivals(n: usize) -> (watch::Sender<Vec<bool>>, Arrivals) {
+    let (tx, rx) = watch::channel(vec![false; n]);
+    (tx, Arrivals(rx))
 }
 
 impl Arrivals {
-    async fn wait(&mut self, i: usize) -> Result<()> {
-        while !self.arrived.contains(&i) {
-            self.next().await?;
-        }
-        Ok(())
-    }
-
-    async fn next(&mut self) -> Result<usize> {
-        match self.ready.recv().await {
-            Some(j) => {
-                self.arrived.insert(j);
-                Ok(j)
-            }
-            None => Err(Error::Internal(
-                "fetch ended before the layer arrived".into(),
-            )),
-        }
+    async fn wait(&self, i: usize) -> Result<()> {
+        let mut rx = self.0.clone();
+        rx.wait_for(|stored| stored.get(i).copied().unwrap_or(false))
+            .await
+            .map(drop)
+            .map_err(|_| Error::Internal("fetch ended before the layer arrived".into()))
     }
 }
 
@@ -73,25 +74,36 @@ struct Layer {
     parent: Option<String>,
 }
 
-/// Unpacks the layers of one manifest. `ready` yields the index of each
-/// descriptor (0: config, 1..: layers) once it is stored.
-#[allow(clippy::too_many_arguments)]
-pub async fn unpack(
+/// What an unpack will do, settled once the config is stored and before
+/// the layers download, so that the layers to apply can be fed live.
+pub struct Plan {
+    layers: Vec<Layer>,
+    /// Layers below this are committed already.
+    start: usize,
+    top: Digest,
+    parallel: bool,
+    /// Unpacks of one chain ID run one at a time.
+    _held: Vec<OwnedMutexGuard<()>>,
+}
+
+impl Plan {
+    /// Whether layer `i` applies as it downloads: every layer to apply
+    /// does when layers apply in parallel, none when they apply in order.
+    pub fn streams(&self, i: usize) -> bool {
+        self.parallel && i >= self.start
+    }
+}
+
+/// Reads the (stored) config, computes the chain, takes its locks and finds
+/// what is committed already.
+pub async fn plan(
     puller: &super::Puller,
     store: &ContentStore,
     snapshots: &Snapshots,
     config: &Descriptor,
     layers: &[Descriptor],
-    ready: mpsc::Receiver<usize>,
     sequential: bool,
-    progress: &Progress,
-) -> Result<Unpacked> {
-    let started = Instant::now();
-    let mut arrivals = Arrivals {
-        ready,
-        arrived: HashSet::new(),
-    };
-    arrivals.wait(0).await?;
+) -> Result<Plan> {
     let body = super::read_blob(store, &config.digest).await?;
     let image_config = images::parse_config(config, &body)?;
     let diff_ids = image_config.rootfs.diff_ids;
@@ -110,7 +122,7 @@ pub async fn unpack(
             message: "an image without layers cannot be unpacked".into(),
         })
     })?;
-    let plan: Vec<Layer> = layers
+    let layers: Vec<Layer> = layers
         .iter()
         .enumerate()
         .map(|(i, desc)| Layer {
@@ -120,28 +132,49 @@ pub async fn unpack(
             parent: i.checked_sub(1).map(|p| chain[p].to_string()),
         })
         .collect();
-
-    // Unpacks of one chain ID run one at a time; taking the locks in chain
-    // order keeps two unpacks of overlapping chains from deadlocking.
-    let locks: Vec<_> = chain.iter().map(|c| puller.chain_lock(c)).collect();
-    let mut _held = Vec::with_capacity(locks.len());
-    for l in &locks {
-        _held.push(l.lock().await);
+    // Taking the locks in chain order keeps two unpacks of overlapping
+    // chains from deadlocking.
+    let mut held = Vec::with_capacity(chain.len());
+    for c in &chain {
+        held.push(puller.chain_lock(c).lock_owned().await);
     }
     // A committed chain ID means everything below it is committed too.
-    let mut start = plan.len();
-    while start > 0 && !committed(snapshots, &plan[start - 1].chain_id).await? {
+    let mut start = layers.len();
+    while start > 0 && !committed(snapshots, &layers[start - 1].chain_id).await? {
         start -= 1;
     }
     if let Some(reused) = start.checked_sub(1) {
-        let (s, name) = (snapshots.clone(), plan[reused].chain_id.to_string());
+        let (s, name) = (snapshots.clone(), layers[reused].chain_id.to_string());
         blocking(move || s.hold(&name)).await??;
     }
-    let todo = &plan[start..];
+    Ok(Plan {
+        layers,
+        start,
+        top,
+        parallel: !sequential && snapshots.root().rebases(),
+        _held: held,
+    })
+}
+
+/// Unpacks the layers of one manifest as `plan` says. `arrivals` tells when
+/// each descriptor is stored; `feeds[i]` is layer i's live feed, where
+/// [`Plan::streams`] wanted one.
+pub async fn unpack(
+    plan: Plan,
+    store: &ContentStore,
+    snapshots: &Snapshots,
+    config: &Descriptor,
+    arrivals: Arrivals,
+    mut feeds: Vec<Option<FeedReceiver>>,
+    progress: &Progress,
+) -> Result<Unpacked> {
+    let started = Instant::now();
+    let (all, start) = (&plan.layers, plan.start);
+    let todo = &all[start..];
     // One progress line: the compressed bytes of the layers committed so far.
     let key = format!("unpack-{}", config.digest);
-    let total: u64 = plan.iter().map(|l| l.desc.size).sum();
-    let done_before: u64 = plan[..start].iter().map(|l| l.desc.size).sum();
+    let total: u64 = all.iter().map(|l| l.desc.size).sum();
+    let done_before: u64 = all[..start].iter().map(|l| l.desc.size).sum();
     progress.set(&key, State::Unpacking, total);
     progress.advance(&key, done_before);
     let tick = |k: usize| {
@@ -150,9 +183,10 @@ pub async fn unpack(
             done_before + todo[..=k].iter().map(|l| l.desc.size).sum::<u64>(),
         )
     };
-    let parallel = !sequential && todo.len() > 1 && snapshots.root().rebases();
-    let applied = if parallel {
-        unpack_parallel(store, snapshots, todo, start, &mut arrivals, &tick).await?
+    let (applied, streamed) = if plan.parallel {
+        feeds.resize_with(all.len(), || None);
+        let feeds = feeds.split_off(start);
+        unpack_parallel(store, snapshots, todo, start, &arrivals, feeds, &tick).await?
     } else {
         let mut applied = 0;
         for (offset, layer) in todo.iter().enumerate() {
@@ -162,17 +196,16 @@ pub async fn unpack(
             }
             tick(offset);
         }
-        applied
+        (applied, 0)
     };
     progress.set(&key, State::Done, total);
-    drop(_held);
 
     // Layers below an already committed chain were never waited for; their
     // blobs must be in this namespace before they are labelled.
-    for i in 1..=plan.len() {
+    for i in 1..=all.len() {
         arrivals.wait(i).await?;
     }
-    for layer in &plan {
+    for layer in all {
         let (st, digest, diff) = (
             store.clone(),
             layer.desc.digest.clone(),
@@ -190,13 +223,14 @@ pub async fn unpack(
     let (st, digest) = (store.clone(), config.digest.clone());
     let label = (
         format!("containerd.io/gc.ref.snapshot.{}", snapshots.name()),
-        top.to_string(),
+        plan.top.to_string(),
     );
     blocking(move || super::merge_labels(&st, &digest, [label].into())).await??;
     Ok(Unpacked {
-        chain_id: top,
+        chain_id: plan.top.clone(),
         layers_applied: applied,
-        parallel,
+        parallel: plan.parallel,
+        streamed,
         duration: started.elapsed(),
     })
 }
@@ -210,6 +244,14 @@ fn extract_key(chain_id: &Digest) -> String {
     )
 }
 
+/// Where a layer's bytes come from.
+enum Source {
+    /// The stored blob.
+    Store,
+    /// The download, as it happens.
+    Live(FeedReader),
+}
+
 /// Prepares `key` on `parent` and applies the layer, checking its diff ID;
 /// on any error the active snapshot is removed.
 fn prepare_and_apply(
@@ -218,24 +260,33 @@ fn prepare_and_apply(
     layer: &Layer,
     key: &str,
     parent: Option<&str>,
+    source: Source,
 ) -> Result<Applied> {
     s.prepare(key, parent, Labels::new())?;
-    let result = crate::diff::apply(store, &layer.desc, s, key)
-        .map_err(Error::from)
-        .and_then(|applied| {
-            if applied.diff_id == layer.diff_id {
-                Ok(applied)
-            } else {
-                Err(Error::Image(images::Error::Invalid {
-                    what: "layer",
-                    digest: layer.desc.digest.to_string(),
-                    message: format!(
-                        "uncompressed digest {} does not match the config's diff_id {}",
-                        applied.diff_id, layer.diff_id
-                    ),
-                }))
-            }
-        });
+    let applied = match source {
+        Source::Store => store
+            .reader_at(&layer.desc.digest)
+            .map_err(crate::diff::Error::from)
+            .and_then(|blob| {
+                let blob = std::io::BufReader::with_capacity(256 * 1024, blob);
+                crate::diff::apply(blob, &layer.desc, s, key)
+            }),
+        Source::Live(feed) => crate::diff::apply(feed, &layer.desc, s, key),
+    };
+    let result = applied.map_err(Error::from).and_then(|applied| {
+        if applied.diff_id == layer.diff_id {
+            Ok(applied)
+        } else {
+            Err(Error::Image(images::Error::Invalid {
+                what: "layer",
+                digest: layer.desc.digest.to_string(),
+                message: format!(
+                    "uncompressed digest {} does not match the config's diff_id {}",
+                    applied.diff_id, layer.diff_id
+                ),
+            }))
+        }
+    });
     if result.is_err() {
         remove_quietly(s, key);
     }
@@ -303,114 +354,107 @@ async fn apply_sequential(
     let (s, st, l) = (snapshots.clone(), store.clone(), layer.clone());
     blocking(move || {
         let key = extract_key(&l.chain_id);
-        prepare_and_apply(&s, &st, &l, &key, l.parent.as_deref())?;
+        prepare_and_apply(&s, &st, &l, &key, l.parent.as_deref(), Source::Store)?;
         commit(&s, &l, &key, None)
     })
     .await?
 }
 
-/// A parallel apply's active snapshot key and what it applied.
-type ParallelResult = Result<(String, Applied)>;
+/// A parallel apply's active snapshot key, what it applied, and whether it
+/// applied from the download.
+type ParallelResult = Result<(String, Applied, bool)>;
 
-/// `todo` are the manifest's layers from index `offset` on: todo[k] is
-/// descriptor `offset + k + 1` in the arrivals.
+/// Applies each layer of `todo` (the manifest's layers from index `offset`
+/// on) into a parentless snapshot, live as it downloads where it has a feed,
+/// else from the store once stored; commits them in chain order.
 async fn unpack_parallel(
     store: &ContentStore,
     snapshots: &Snapshots,
     todo: &[Layer],
     offset: usize,
-    arrivals: &mut Arrivals,
+    arrivals: &Arrivals,
+    feeds: Vec<Option<FeedReceiver>>,
     tick: &(dyn Fn(usize) + Sync),
-) -> Result<usize> {
+) -> Result<(usize, usize)> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
+    // Applies from the store share the cores; live ones are already bounded
+    // by the download limit, and waiting would stall their downloads.
     let limit = Arc::new(Semaphore::new(cores));
-    let base = todo.len();
-    let mut senders: Vec<Option<oneshot::Sender<ParallelResult>>> = Vec::new();
-    let mut receivers = Vec::new();
-    for _ in 0..base {
-        let (tx, rx) = oneshot::channel();
-        senders.push(Some(tx));
-        receivers.push(rx);
-    }
-    let spawner = async {
-        let mut pending: HashSet<usize> = (0..base).collect();
-        // Layers that arrived before the config was read go first.
-        let mut queue: Vec<usize> = arrivals
-            .arrived
-            .iter()
-            .filter_map(|j| j.checked_sub(1 + offset))
-            .filter(|k| *k < base)
-            .collect();
-        queue.sort();
-        loop {
-            for k in queue.drain(..) {
-                if !pending.remove(&k) {
-                    continue;
-                }
-                let Some(tx) = senders[k].take() else {
-                    continue;
-                };
-                let (s, st, l, limit) = (
-                    snapshots.clone(),
-                    store.clone(),
-                    todo[k].clone(),
-                    limit.clone(),
-                );
-                let orphans = snapshots.clone();
-                tokio::spawn(async move {
-                    let result = match limit.acquire_owned().await {
-                        Ok(_permit) => blocking(move || {
-                            let key = extract_key(&l.chain_id);
-                            prepare_and_apply(&s, &st, &l, &key, None).map(|a| (key, a))
-                        })
-                        .await
-                        .and_then(|r| r),
-                        Err(e) => Err(Error::Internal(format!("unpack limiter: {e}"))),
-                    };
-                    // Nobody will commit it once the unpack has failed.
-                    if let Err(Ok((key, _))) = tx.send(result) {
-                        let _ = blocking(move || remove_quietly(&orphans, &key)).await;
-                    }
-                });
-            }
-            if pending.is_empty() {
-                return Ok::<_, Error>(());
-            }
-            let j = arrivals.next().await?;
-            if let Some(k) = j.checked_sub(1 + offset).filter(|k| *k < base) {
-                queue.push(k);
-            }
-        }
-    };
-    let committer = async {
-        let mut applied = 0;
-        for (k, rx) in receivers.into_iter().enumerate() {
-            let layer = &todo[k];
-            let outcome = rx
-                .await
-                .map_err(|_| Error::Internal("a parallel apply ended without a result".into()))?;
-            let (s, l) = (snapshots.clone(), layer.clone());
-            let committed = match outcome {
-                Ok((key, a)) => blocking(move || commit(&s, &l, &key, Some(&a))).await??,
-                Err(e) => {
-                    // Applied on its own it could not be (a hardlink into a
-                    // lower, say): apply it the sequential way, now that its
-                    // parent is committed. A real fault fails again there.
-                    tracing::info!(layer = %layer.desc.digest, error = %e, "parallel apply failed; applying sequentially");
-                    apply_sequential(store, snapshots, layer).await?
-                }
+    let mut results = Vec::with_capacity(todo.len());
+    for (k, feed) in feeds.into_iter().enumerate() {
+        let (tx, rx) = oneshot::channel::<ParallelResult>();
+        results.push(rx);
+        let (s, st, l, limit, arrivals) = (
+            snapshots.clone(),
+            store.clone(),
+            todo[k].clone(),
+            limit.clone(),
+            arrivals.clone(),
+        );
+        let index = offset + k + 1;
+        let orphans = snapshots.clone();
+        tokio::spawn(async move {
+            let live = match feed {
+                Some(feed) => feed.start().await,
+                None => None,
             };
-            if committed {
-                applied += 1;
+            let result = async {
+                let (source, _permit) = match live {
+                    Some(reader) => (Source::Live(reader), None),
+                    None => {
+                        arrivals.wait(index).await?;
+                        let permit = limit
+                            .acquire_owned()
+                            .await
+                            .map_err(|e| Error::Internal(format!("unpack limiter: {e}")))?;
+                        (Source::Store, Some(permit))
+                    }
+                };
+                let live = matches!(source, Source::Live(_));
+                blocking(move || {
+                    let key = extract_key(&l.chain_id);
+                    prepare_and_apply(&s, &st, &l, &key, None, source).map(|a| (key, a, live))
+                })
+                .await?
             }
-            tick(k);
+            .await;
+            // Nobody will commit it once the unpack has failed.
+            if let Err(Ok((key, _, _))) = tx.send(result) {
+                let _ = blocking(move || remove_quietly(&orphans, &key)).await;
+            }
+        });
+    }
+    let (mut applied, mut streamed) = (0, 0);
+    for (k, rx) in results.into_iter().enumerate() {
+        let layer = &todo[k];
+        let outcome = rx
+            .await
+            .map_err(|_| Error::Internal("a parallel apply ended without a result".into()))?;
+        // A layer is committed only once its blob is stored, digest checked.
+        arrivals.wait(offset + k + 1).await?;
+        let (s, l) = (snapshots.clone(), layer.clone());
+        let committed = match outcome {
+            Ok((key, a, live)) => {
+                let committed = blocking(move || commit(&s, &l, &key, Some(&a))).await??;
+                streamed += usize::from(committed && live);
+                committed
+            }
+            Err(e) => {
+                // Applied on its own it could not be (a hardlink into a
+                // lower, say): apply it the sequential way, now that its
+                // parent is committed. A real fault fails again there.
+                tracing::info!(layer = %layer.desc.digest, error = %e, "parallel apply failed; applying sequentially");
+                apply_sequential(store, snapshots, layer).await?
+            }
+        };
+        if committed {
+            applied += 1;
         }
-        Ok::<_, Error>(applied)
-    };
-    let ((), applied) = tokio::try_join!(spawner, committer)?;
-    Ok(applied)
+        tick(k);
+    }
+    Ok((applied, streamed))
 }
 
 async fn committed(snapshots: &Snapshots, chain_id: &Digest) -> Result<bool> {

@@ -33,6 +33,40 @@ pub struct RemoteOptions {
     pub progress_timeout: Duration,
     /// Attempts per request before giving up on 5xx, 429 and dropped connections.
     pub attempts: u32,
+    /// How a layer that dominates its image is fetched in parallel parts.
+    pub ranged: RangedFetch,
+}
+
+/// A layer that makes up most of its image's bytes is fetched as
+/// consecutive parts of `part_size` bytes, `parts_at_once` requests in
+/// flight, and handed on in order. It pays where one connection cannot fill
+/// the link (per-connection throttling, long round trips); the parts wait in
+/// memory, so at most `part_size * parts_at_once` bytes per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangedFetch {
+    /// 0 turns ranged fetches off.
+    pub part_size: u64,
+    pub parts_at_once: usize,
+}
+
+impl Default for RangedFetch {
+    fn default() -> Self {
+        RangedFetch {
+            part_size: 4 << 20,
+            parts_at_once: 4,
+        }
+    }
+}
+
+impl RangedFetch {
+    /// Whether a blob of `size` bytes, out of `total` for its image's
+    /// layers, is fetched in parts: it dominates, and makes several parts.
+    pub fn applies(&self, size: u64, total: u64) -> bool {
+        self.part_size > 0
+            && self.parts_at_once > 1
+            && size >= self.part_size.saturating_mul(self.parts_at_once as u64)
+            && size.saturating_mul(2) >= total
+    }
 }
 
 impl Default for RemoteOptions {
@@ -42,6 +76,7 @@ impl Default for RemoteOptions {
             credentials: CredentialSource::default(),
             progress_timeout: Duration::from_secs(300),
             attempts: 6,
+            ranged: RangedFetch::default(),
         }
     }
 }
@@ -236,20 +271,25 @@ impl Repository {
         Ok(body)
     }
 
-    /// Starts a blob download at `offset`. The answer is `206` when the
+    /// Starts a download of `range` of a blob. The answer is `206` when the
     /// registry honoured the range, `200` when it sends the whole blob.
-    pub async fn blob(&self, desc: &Descriptor, offset: u64) -> Result<Response> {
+    pub async fn blob(&self, desc: &Descriptor, range: std::ops::Range<u64>) -> Result<Response> {
         let what = format!("blob {}", desc.digest);
         let target = Target {
             what: &what,
             suffix: format!("/blobs/{}", desc.digest),
         };
-        let range = format!("bytes={offset}-");
-        let headers: Vec<(reqwest::header::HeaderName, &str)> = if offset > 0 {
-            vec![(RANGE, range.as_str())]
+        let header = if range.end < desc.size {
+            format!("bytes={}-{}", range.start, range.end.saturating_sub(1))
         } else {
-            Vec::new()
+            format!("bytes={}-", range.start)
         };
+        let headers: Vec<(reqwest::header::HeaderName, &str)> =
+            if range.start > 0 || range.end < desc.size {
+                vec![(RANGE, header.as_str())]
+            } else {
+                Vec::new()
+            };
         let hosts: Vec<&RegistryHost> = self.hosts.iter().filter(|h| h.capabilities.pull).collect();
         self.first_answer(&hosts, Method::GET, &target, &headers)
             .await

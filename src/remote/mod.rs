@@ -11,7 +11,7 @@ pub mod client;
 pub mod hosts;
 
 pub use auth::{CredentialSource, Credentials, Secret};
-pub use client::{RegistryClient, RemoteOptions};
+pub use client::{RangedFetch, RegistryClient, RemoteOptions};
 pub use hosts::{HostsConfig, HostsError, RegistryHost};
 
 use std::time::Duration;
