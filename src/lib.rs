@@ -20,3 +20,4 @@ pub mod reference;
 pub mod remote;
 pub mod root;
 pub mod snapshot;
+pub(crate) mod xattr;

@@ -17,6 +17,7 @@ use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat, mkdirat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use super::ArchiveError;
+pub(super) use crate::xattr::{fsetxattr, lgetxattr, llistxattr, lsetxattr};
 
 /// Linux's own limit on symlinks followed in one lookup.
 const MAX_SYMLINKS: u32 = 40;
@@ -418,48 +419,6 @@ fn cstr(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-/// `lsetxattr(2)`.
-pub(super) fn lsetxattr(path: &CString, name: &[u8], value: &[u8]) -> io::Result<()> {
-    let name = cstr(name)?;
-    // SAFETY: both strings are NUL-terminated and the value pointer/length
-    // describe a live slice.
-    let rc = unsafe {
-        libc::lsetxattr(
-            path.as_ptr(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// `fsetxattr(2)`.
-pub(super) fn fsetxattr(fd: BorrowedFd<'_>, name: &[u8], value: &[u8]) -> io::Result<()> {
-    let name = cstr(name)?;
-    // SAFETY: the fd is live, the name is NUL-terminated and the value
-    // pointer/length describe a live slice.
-    let rc = unsafe {
-        libc::fsetxattr(
-            fd.as_raw_fd(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// fchmodat2(2)'s number, the same on every architecture (it postdates
 /// the syscall table unification); the libc crate lacks it on some.
 const SYS_FCHMODAT2: libc::c_long = 452;
@@ -496,55 +455,6 @@ pub(super) fn chmod_at(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Resul
         nix::sys::stat::FchmodatFlags::NoFollowSymlink,
     )
     .map_err(io::Error::from)
-}
-
-/// `lgetxattr(2)`; `None` when the attribute is absent.
-pub(super) fn lgetxattr(path: &CString, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
-    let name = cstr(name)?;
-    let mut buf = vec![0u8; 256];
-    loop {
-        // SAFETY: the buffer pointer/length describe a live, writable Vec.
-        let n = unsafe {
-            libc::lgetxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(Some(buf));
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ENODATA) => return Ok(None),
-            Some(libc::ERANGE) if buf.len() < (1 << 20) => buf.resize(buf.len() * 4, 0),
-            _ => return Err(err),
-        }
-    }
-}
-
-/// `llistxattr(2)`: the attribute names.
-pub(super) fn llistxattr(path: &CString) -> io::Result<Vec<Vec<u8>>> {
-    let mut buf = vec![0u8; 1024];
-    loop {
-        // SAFETY: the buffer pointer/length describe a live, writable Vec.
-        let n = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(buf
-                .split(|&b| b == 0)
-                .filter(|s| !s.is_empty())
-                .map(<[u8]>::to_vec)
-                .collect());
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ERANGE) if buf.len() < (1 << 22) => buf.resize(buf.len() * 4, 0),
-            _ => return Err(err),
-        }
-    }
 }
 
 pub(super) fn os(bytes: &[u8]) -> &OsStr {

@@ -384,7 +384,7 @@ impl Repository {
                     return Err(Error::Denied {
                         registry: host.host.clone(),
                         what: target.what.to_string(),
-                        message: status.to_string(),
+                        message: error_detail(response).await,
                     });
                 }
                 StatusCode::NOT_FOUND => {
@@ -407,7 +407,7 @@ impl Repository {
                     return Err(Error::Protocol {
                         registry: host.host.clone(),
                         what: target.what.to_string(),
-                        message: status.to_string(),
+                        message: error_detail(response).await,
                     });
                 }
             }
@@ -523,6 +523,57 @@ async fn read_limited(mut response: Response, what: &str, registry: &str) -> Res
     Ok(body)
 }
 
+/// The status of a refused request, with what the registry said about it:
+/// the `errors` of the distribution spec's error body, or the start of a
+/// plain-text one.
+async fn error_detail(mut response: Response) -> String {
+    const LIMIT: usize = 4096;
+    let status = response.status();
+    let mut body = Vec::new();
+    while body.len() < LIMIT {
+        match tokio::time::timeout(Duration::from_secs(5), response.chunk()).await {
+            Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(LIMIT);
+    match describe_error_body(&body) {
+        Some(said) => format!("{status}: {said}"),
+        None => status.to_string(),
+    }
+}
+
+fn describe_error_body(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        errors: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        #[serde(default)]
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    if let Ok(parsed) = serde_json::from_slice::<Body>(body) {
+        let said: Vec<String> = parsed
+            .errors
+            .iter()
+            .map(|e| match (e.code.is_empty(), e.message.is_empty()) {
+                (false, false) => format!("{} ({})", e.message, e.code),
+                (true, false) => e.message.clone(),
+                _ => e.code.clone(),
+            })
+            .filter(|s| !s.is_empty())
+            .collect();
+        return (!said.is_empty()).then(|| said.join("; "));
+    }
+    let text = String::from_utf8_lossy(body);
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+    // An HTML error page says nothing a user can act on.
+    (!line.starts_with('<')).then(|| line.chars().take(200).collect())
+}
+
 /// Checks fetched bytes against their descriptor.
 pub fn verify(registry: &str, desc: &Descriptor, body: &[u8]) -> Result<()> {
     let actual = Digest::of(body);
@@ -538,4 +589,25 @@ pub fn verify(registry: &str, desc: &Descriptor, body: &[u8]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_error_body;
+
+    #[test]
+    fn registry_error_bodies_are_described() {
+        let body = br#"{"errors":[{"code":"DENIED","message":"requested access to the resource is denied","detail":null},{"code":"TOOMANYREQUESTS"}]}"#;
+        assert_eq!(
+            describe_error_body(body).as_deref(),
+            Some("requested access to the resource is denied (DENIED); TOOMANYREQUESTS")
+        );
+        assert_eq!(
+            describe_error_body(b"quota exceeded for this project\n").as_deref(),
+            Some("quota exceeded for this project")
+        );
+        assert_eq!(describe_error_body(b"<html><body>502</body></html>"), None);
+        assert_eq!(describe_error_body(br#"{"errors":[]}"#), None);
+        assert_eq!(describe_error_body(b""), None);
+    }
 }

@@ -130,64 +130,10 @@ fn finish(src: &Path, dst: &Path, meta: &fs::Metadata) -> Result<()> {
 }
 
 fn copy_xattrs(src: &Path, dst: &Path) -> Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes()).map_err(|_| {
-            io_err(format!("{}", p.display()))(std::io::ErrorKind::InvalidInput.into())
-        })
-    };
-    let (s, d) = (c(src)?, c(dst)?);
-    // SAFETY: plain llistxattr/lgetxattr/lsetxattr calls on owned buffers.
-    unsafe {
-        let n = libc::llistxattr(s.as_ptr(), std::ptr::null_mut(), 0);
-        if n <= 0 {
-            return Ok(());
-        }
-        let mut names = vec![0u8; n as usize];
-        let n = libc::llistxattr(s.as_ptr(), names.as_mut_ptr().cast(), names.len());
-        if n <= 0 {
-            return Ok(());
-        }
-        for name in names[..n as usize]
-            .split(|b| *b == 0)
-            .filter(|n| !n.is_empty())
-        {
-            let Ok(cname) = CString::new(name) else {
-                continue;
-            };
-            let size = libc::lgetxattr(s.as_ptr(), cname.as_ptr(), std::ptr::null_mut(), 0);
-            if size < 0 {
-                continue;
-            }
-            let mut value = vec![0u8; size as usize];
-            let size = libc::lgetxattr(
-                s.as_ptr(),
-                cname.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            );
-            if size < 0 {
-                continue;
-            }
-            if libc::lsetxattr(
-                d.as_ptr(),
-                cname.as_ptr(),
-                value.as_ptr().cast(),
-                size as usize,
-                0,
-            ) != 0
-            {
-                let err = std::io::Error::last_os_error();
-                return Err(io_err(format!(
-                    "setting xattr {} on {}",
-                    String::from_utf8_lossy(name),
-                    dst.display()
-                ))(err));
-            }
-        }
-    }
-    Ok(())
+    let context = || format!("copying xattrs of {} to {}", src.display(), dst.display());
+    crate::xattr::path_cstr(src)
+        .and_then(|s| crate::xattr::copy_all(&s, &crate::xattr::path_cstr(dst)?))
+        .map_err(|e| io_err(context())(e))
 }
 
 fn set_times(path: &Path, meta: &fs::Metadata) -> Result<()> {
@@ -224,6 +170,10 @@ mod tests {
         std::fs::hard_link(src.join("d/f"), src.join("link")).unwrap();
         std::os::unix::fs::symlink("d/f", src.join("sym")).unwrap();
         std::fs::set_permissions(src.join("d/f"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+        let path = |p: &std::path::Path| crate::xattr::path_cstr(p).unwrap();
+        // Binary values survive; a filesystem without user xattrs skips that part.
+        let with_xattr =
+            crate::xattr::lsetxattr(&path(&src.join("d/f")), b"user.hoist", b"\0\x01v").is_ok();
         super::copy_tree(&src, &dir.path().join("dst")).unwrap();
         let dst = dir.path().join("dst");
         let f = std::fs::metadata(dst.join("d/f")).unwrap();
@@ -237,5 +187,9 @@ mod tests {
             std::fs::metadata(src.join("d")).unwrap().mtime(),
             std::fs::metadata(dst.join("d")).unwrap().mtime()
         );
+        if with_xattr {
+            let got = crate::xattr::lgetxattr(&path(&dst.join("d/f")), b"user.hoist").unwrap();
+            assert_eq!(got.as_deref(), Some(&b"\0\x01v"[..]));
+        }
     }
 }
