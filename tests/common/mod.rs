@@ -179,6 +179,8 @@ pub enum Entry<'a> {
     /// A directory with its own mode, uid and gid.
     DirMeta(&'a str, u32, u64, u64),
     Symlink(&'a str, &'a str),
+    /// A hard link to `.1`, which may be in a lower layer.
+    Hardlink(&'a str, &'a str),
 }
 
 /// An uncompressed tar of `entries`, in order.
@@ -216,6 +218,12 @@ pub fn tar_layer(entries: &[Entry<'_>]) -> Vec<u8> {
                 h.set_size(0);
                 h.set_mode(0o777);
                 h.set_entry_type(tar::EntryType::Symlink);
+                tar.append_link(&mut h, path, target).unwrap();
+            }
+            Entry::Hardlink(path, target) => {
+                h.set_size(0);
+                h.set_mode(0o644);
+                h.set_entry_type(tar::EntryType::Link);
                 tar.append_link(&mut h, path, target).unwrap();
             }
         }
