@@ -103,16 +103,23 @@ fn invalidate(cache: &GroupCache) {
     c.1 = None;
 }
 
-/// One log line per RPC, with its outcome and duration (and never a secret:
-/// only the image name is logged).
-fn log_rpc<T>(rpc: &str, image: &str, started: Instant, result: &Result<T, Status>) {
+/// Runs one RPC's work and logs one line with its outcome and duration
+/// (and never a secret: only the image name is logged).
+async fn logged<T>(
+    rpc: &str,
+    image: &str,
+    work: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let started = Instant::now();
+    let result = work.await;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
-    match result {
+    match &result {
         Ok(_) => tracing::info!(rpc, image, duration_ms = ms, "ok"),
         Err(s) => {
             tracing::warn!(rpc, image, duration_ms = ms, code = ?s.code(), error = s.message(), "failed")
         }
     }
+    result
 }
 
 fn credentials(auth: Option<AuthConfig>) -> Result<Option<Credentials>, Status> {
@@ -152,14 +159,13 @@ impl ImageService for Service {
         &self,
         request: Request<ListImagesRequest>,
     ) -> Result<Response<ListImagesResponse>, Status> {
-        let started = Instant::now();
         let query = request
             .into_inner()
             .filter
             .and_then(|f| f.image)
             .map(|s| s.image)
             .unwrap_or_default();
-        let result = async {
+        logged("ListImages", &query, async {
             let groups = self.groups().await?;
             let images = if query.is_empty() {
                 groups.iter().map(|g| self.to_cri(g)).collect()
@@ -169,20 +175,17 @@ impl ImageService for Service {
                     .unwrap_or_default()
             };
             Ok(Response::new(ListImagesResponse { images }))
-        }
-        .await;
-        log_rpc("ListImages", &query, started, &result);
-        result
+        })
+        .await
     }
 
     async fn image_status(
         &self,
         request: Request<ImageStatusRequest>,
     ) -> Result<Response<ImageStatusResponse>, Status> {
-        let started = Instant::now();
         let req = request.into_inner();
         let query = req.image.map(|s| s.image).unwrap_or_default();
-        let result = async {
+        logged("ImageStatus", &query, async {
             let groups = self.groups().await?;
             let Some(group) = find(&groups, &query).cloned() else {
                 return Ok(Response::new(ImageStatusResponse::default()));
@@ -200,24 +203,21 @@ impl ImageService for Service {
                 image: Some(image),
                 info,
             }))
-        }
-        .await;
-        log_rpc("ImageStatus", &query, started, &result);
-        result
+        })
+        .await
     }
 
     async fn pull_image(
         &self,
         request: Request<PullImageRequest>,
     ) -> Result<Response<PullImageResponse>, Status> {
-        let started = Instant::now();
         let req = request.into_inner();
         let name = req
             .image
             .as_ref()
             .map(|s| s.image.clone())
             .unwrap_or_default();
-        let result = async {
+        logged("PullImage", &name, async {
             let reference = crate::reference::Reference::parse(&name)
                 .map_err(invalid)?
                 .to_string();
@@ -267,23 +267,20 @@ impl ImageService for Service {
             };
             let image_ref = flight.await?;
             Ok(Response::new(PullImageResponse { image_ref }))
-        }
-        .await;
-        log_rpc("PullImage", &name, started, &result);
-        result
+        })
+        .await
     }
 
     async fn remove_image(
         &self,
         request: Request<RemoveImageRequest>,
     ) -> Result<Response<RemoveImageResponse>, Status> {
-        let started = Instant::now();
         let query = request
             .into_inner()
             .image
             .map(|s| s.image)
             .unwrap_or_default();
-        let result = async {
+        logged("RemoveImage", &query, async {
             let groups = self.groups().await?;
             if let Some(group) = find(&groups, &query).cloned() {
                 self.invalidate();
@@ -301,19 +298,16 @@ impl ImageService for Service {
                 self.invalidate();
             }
             Ok(Response::new(RemoveImageResponse {}))
-        }
-        .await;
-        log_rpc("RemoveImage", &query, started, &result);
-        result
+        })
+        .await
     }
 
     async fn image_fs_info(
         &self,
         _request: Request<ImageFsInfoRequest>,
     ) -> Result<Response<ImageFsInfoResponse>, Status> {
-        let started = Instant::now();
         let snapshots = self.snapshots.clone();
-        let result = async {
+        logged("ImageFsInfo", "", async {
             let usage = self
                 .blocking(move |db| records::filesystem_usage(db, &snapshots))
                 .await?
@@ -336,9 +330,7 @@ impl ImageService for Service {
                 image_filesystems: vec![fs],
                 container_filesystems: Vec::new(),
             }))
-        }
-        .await;
-        log_rpc("ImageFsInfo", "", started, &result);
-        result
+        })
+        .await
     }
 }
