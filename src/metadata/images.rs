@@ -216,6 +216,50 @@ mod tests {
         )
     }
 
+    /// Two handles on one root stand for two processes (a daemon's root is
+    /// exclusive, but commands share one): transactions that read, then
+    /// write, wait for each other instead of failing with "database is
+    /// locked".
+    #[test]
+    fn two_handles_on_one_root_write_without_busy_errors() {
+        use crate::content::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let desc = target(b"blob");
+        let db = Db::open(dir.path()).unwrap();
+        crate::content::write_blob(
+            &db.content_store(NS),
+            "k",
+            &b"blob"[..],
+            &desc,
+            Labels::new(),
+        )
+        .unwrap();
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                let (root, desc) = (dir.path().to_path_buf(), desc.clone());
+                std::thread::spawn(move || {
+                    let db = Db::open(&root).unwrap();
+                    let store = db.content_store(NS);
+                    for i in 0..300 {
+                        let mut info = store.info(&desc.digest).unwrap();
+                        info.labels = [(format!("w{w}"), i.to_string())].into();
+                        store.update(info, &[&format!("labels.w{w}")]).unwrap();
+                        let name = format!("docker.io/library/app:{}", i % 10);
+                        db.put_image(NS, Image::new(name, target(format!("{i}").as_bytes())))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let labels = db.content_store(NS).info(&desc.digest).unwrap().labels;
+        assert_eq!(labels.get("w0").map(String::as_str), Some("299"));
+        assert_eq!(labels.get("w1").map(String::as_str), Some("299"));
+        assert_eq!(db.list_images(NS, &Default::default()).unwrap().len(), 10);
+    }
+
     #[test]
     fn image_crud() {
         let dir = tempfile::tempdir().unwrap();

@@ -95,13 +95,16 @@ impl Db {
         ContentStore::new(self.clone(), namespace, None)
     }
 
-    /// Runs `f` inside one transaction.
+    /// Runs `f` inside one transaction. It takes the write lock when it
+    /// begins (IMMEDIATE), so another process writing the same root makes it
+    /// wait out the busy timeout; a deferred one would fail at once with
+    /// "database is locked" when it tried to write after the other's commit.
     pub(crate) fn transaction<T, E: From<rusqlite::Error>>(
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
         let mut conn = self.conn.lock();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
         Ok(out)

@@ -384,7 +384,7 @@ async fn unpack_parallel(
     let limit = Arc::new(Semaphore::new(cores));
     let mut results = Vec::with_capacity(todo.len());
     for (k, feed) in feeds.into_iter().enumerate() {
-        let (tx, rx) = oneshot::channel::<ParallelResult>();
+        let (mut tx, rx) = oneshot::channel::<ParallelResult>();
         results.push(rx);
         let (s, st, l, limit, arrivals) = (
             snapshots.clone(),
@@ -396,30 +396,39 @@ async fn unpack_parallel(
         let index = offset + k + 1;
         let orphans = snapshots.clone();
         tokio::spawn(async move {
-            let live = match feed {
-                Some(feed) => feed.start().await,
-                None => None,
+            // Its source: the download as it happens, or the stored blob
+            // and a share of the cores.
+            let ready = async {
+                if let Some(feed) = feed
+                    && let Some(reader) = feed.start().await
+                {
+                    return Ok((Source::Live(reader), None));
+                }
+                arrivals.wait(index).await?;
+                let permit = limit
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| Error::Internal(format!("unpack limiter: {e}")))?;
+                Ok::<_, Error>((Source::Store, Some(permit)))
             };
-            let result = async {
-                let (source, _permit) = match live {
-                    Some(reader) => (Source::Live(reader), None),
-                    None => {
-                        arrivals.wait(index).await?;
-                        let permit = limit
-                            .acquire_owned()
-                            .await
-                            .map_err(|e| Error::Internal(format!("unpack limiter: {e}")))?;
-                        (Source::Store, Some(permit))
-                    }
-                };
-                let live = matches!(source, Source::Live(_));
-                blocking(move || {
-                    let key = extract_key(&l.chain_id);
-                    prepare_and_apply(&s, &st, &l, &key, None, source).map(|a| (key, a, live))
-                })
-                .await?
-            }
-            .await;
+            // An unpack that has failed meanwhile wants nothing more: no
+            // snapshot is prepared for it.
+            let ready = tokio::select! {
+                ready = ready => ready,
+                () = tx.closed() => return,
+            };
+            let result = match ready {
+                Ok((source, _permit)) => {
+                    let live = matches!(source, Source::Live(_));
+                    blocking(move || {
+                        let key = extract_key(&l.chain_id);
+                        prepare_and_apply(&s, &st, &l, &key, None, source).map(|a| (key, a, live))
+                    })
+                    .await
+                    .and_then(|r| r)
+                }
+                Err(e) => Err(e),
+            };
             // Nobody will commit it once the unpack has failed.
             if let Err(Ok((key, _, _))) = tx.send(result) {
                 let _ = blocking(move || remove_quietly(&orphans, &key)).await;

@@ -260,11 +260,16 @@ impl SnapshotCollector for SnapshotRoot {
     }
 
     fn remove(&self, namespace: &str, key: &str) -> crate::metadata::Result<u64> {
-        let freed = self.remove_in(namespace, key).map_err(|e| match e {
-            Error::Metadata(m) => m,
-            other => crate::metadata::Error::FailedPrecondition(other.to_string()),
-        })?;
-        Ok(freed)
+        match self.remove_in(namespace, key) {
+            Ok(freed) => Ok(freed),
+            // Removed since the mark (a failed pull cleaning up after itself,
+            // in this process or another): what GC wanted is done.
+            Err(Error::NotFound(_)) => Ok(0),
+            Err(Error::Metadata(m)) => Err(m),
+            Err(other) => Err(crate::metadata::Error::FailedPrecondition(
+                other.to_string(),
+            )),
+        }
     }
 
     fn sweep_leftovers(&self) -> crate::metadata::Result<u64> {
