@@ -346,6 +346,20 @@ async fn a_dominant_layer_is_fetched_in_parallel_parts() {
     assert_eq!(small.len(), 1);
     assert_eq!(small[0].range, None);
 
+    // A registry that answers a later part with the whole blob: only the
+    // part is taken from it.
+    proxy.seen.lock().clear();
+    proxy
+        .faults
+        .lock()
+        .extend([Fault::IgnoreRange, Fault::Pass]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller_with(dir.path(), Duration::from_secs(30), ranged);
+    pull(&p, &r).await.unwrap();
+    assert!(proxy.faults.lock().is_empty());
+    assert!(p.db().content_store(NS).info(&big.digest).is_ok());
+    assert_eq!(proxy.blob_requests(&big.digest).len() as u64, parts);
+
     // A registry that ignores the first part's range: one stream instead.
     proxy.seen.lock().clear();
     proxy.faults.lock().push(Fault::IgnoreRange);

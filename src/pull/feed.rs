@@ -44,9 +44,13 @@ pub struct FeedReader {
     /// Budget permits `current` holds, given back once it is read.
     held: usize,
     done: bool,
+    /// A failure that came before any data, for the first read.
+    failed: Option<io::Error>,
 }
 
+/// A feed holding at most `budget` unread bytes (at least one chunk).
 pub fn feed(budget: usize) -> (FeedSender, FeedReceiver) {
+    let budget = budget.max(1);
     let (tx, rx) = mpsc::unbounded_channel();
     let budget_sem = Arc::new(Semaphore::new(budget));
     (
@@ -54,7 +58,7 @@ pub fn feed(budget: usize) -> (FeedSender, FeedReceiver) {
             tx,
             budget: budget_sem.clone(),
             // Permits are counted in u32.
-            capacity: budget.clamp(1, u32::MAX as usize),
+            capacity: budget.min(u32::MAX as usize),
         },
         FeedReceiver {
             rx,
@@ -100,8 +104,9 @@ impl FeedReceiver {
             current: Bytes::new(),
             held: 0,
             done: false,
+            failed: None,
         };
-        reader.accept(first);
+        reader.failed = reader.accept(first);
         Some(reader)
     }
 }
@@ -135,6 +140,9 @@ impl FeedReader {
 
 impl Read for FeedReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         while self.current.is_empty() {
             self.release();
             if self.done {
@@ -229,6 +237,12 @@ mod tests {
         tx.fail("blob sha256:00: digest mismatch".into());
         let e = read_all(rx.start().await.expect("live")).await.unwrap_err();
         assert!(e.to_string().contains("digest mismatch"), "{e}");
+
+        // A failure before any data is the first read's answer.
+        let (tx, rx) = feed(16);
+        tx.fail("registry unavailable".into());
+        let e = read_all(rx.start().await.expect("live")).await.unwrap_err();
+        assert!(e.to_string().contains("unavailable"), "{e}");
     }
 
     #[tokio::test]

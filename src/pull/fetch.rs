@@ -11,8 +11,8 @@
 
 use super::feed::FeedSender;
 use super::progress::{Progress, State};
-use super::{Error, Result};
-use crate::content::{Error as ContentError, IoContext, Labels, Store};
+use super::{Error, Result, blocking};
+use crate::content::{Error as ContentError, IoContext, Labels, Store, Writer};
 use crate::descriptor::Descriptor;
 use crate::metadata::ContentStore;
 use crate::remote::client::{Repository, backoff, error_chain};
@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use reqwest::{Response, StatusCode};
 use std::io::Write;
 use std::ops::Range;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 
 enum Command {
     Write(Bytes),
@@ -98,28 +98,26 @@ impl BlobFetch<'_> {
     /// is taken into this one, under the pull's lease).
     pub async fn run(self) -> Result<State> {
         let (desc, key, progress) = (self.desc, self.key, self.progress);
-        let (offset_tx, offset_rx) = oneshot::channel();
-        let (tx, rx) = mpsc::channel::<Command>(16);
-        let writer = spawn_writer(
-            self.store.clone(),
-            desc.clone(),
-            key.to_string(),
-            offset_tx,
-            rx,
-        );
-        let Ok(Some(offset)) = offset_rx.await else {
-            // Either the blob exists or opening the writer failed; the task says which.
-            return match writer.await {
-                Ok(Ok(_)) => Ok(State::Exists),
-                Ok(Err(e)) => Err(e.into()),
-                Err(e) => Err(Error::Internal(format!("ingest writer: {e}"))),
-            };
+        // The ingest is opened (and locked) in one short blocking call; its
+        // writer thread starts only with a download slot, so blobs waiting
+        // for one hold no thread.
+        let (store, d, k) = (self.store.clone(), desc.clone(), key.to_string());
+        let opened = blocking(move || match store.writer(&k, Some(&d)) {
+            Ok(w) => w.status().map(|status| Some((w, status.offset))),
+            Err(ContentError::AlreadyExists(_)) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await??;
+        let Some((ingest, offset)) = opened else {
+            return Ok(State::Exists);
         };
         let _slot = self
             .downloads
             .acquire()
             .await
             .map_err(|e| Error::Internal(format!("download limiter: {e}")))?;
+        let (tx, rx) = mpsc::channel::<Command>(16);
+        let writer = spawn_writer(ingest, desc.clone(), key.to_string(), rx);
         progress.set(key, State::Downloading, desc.size);
         progress.advance(key, offset);
         let mut sink = Sink {
@@ -156,7 +154,8 @@ impl BlobFetch<'_> {
             let e = match (failure, written) {
                 (Some(e), _) => e,
                 (None, Ok(Err(e))) => e.into(),
-                (None, _) => Error::Internal(format!("ingest {key} closed before commit")),
+                (None, Ok(Ok(_))) => Error::Internal(format!("ingest {key} closed before commit")),
+                (None, Err(e)) => Error::Internal(format!("ingest {key} writer: {e}")),
             };
             if let Some(feed) = feed {
                 feed.fail(e.to_string());
@@ -172,7 +171,7 @@ impl BlobFetch<'_> {
                 "ingest {key} closed before commit"
             ))),
             Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(Error::Internal(format!("ingest writer: {e}"))),
+            Err(e) => Err(Error::Internal(format!("ingest {key} writer: {e}"))),
         };
         match (&outcome, feed) {
             (Ok(_), Some(feed)) => feed.done(),
@@ -186,26 +185,15 @@ impl BlobFetch<'_> {
     }
 }
 
-/// The ingest writer on a blocking thread: it reports the ingest's offset
-/// (`None` when the blob exists), then writes and commits what it is sent.
-/// `Ok(true)` once committed.
+/// The ingest writer on a blocking thread: it writes and commits what it
+/// is sent; `Ok(true)` once committed.
 fn spawn_writer(
-    store: ContentStore,
+    mut w: Box<dyn Writer>,
     desc: Descriptor,
     key: String,
-    offset_tx: oneshot::Sender<Option<u64>>,
     mut rx: mpsc::Receiver<Command>,
 ) -> tokio::task::JoinHandle<crate::content::Result<bool>> {
     tokio::task::spawn_blocking(move || {
-        let mut w = match store.writer(&key, Some(&desc)) {
-            Ok(w) => w,
-            Err(ContentError::AlreadyExists(_)) => {
-                let _ = offset_tx.send(None);
-                return Ok(false);
-            }
-            Err(e) => return Err(e),
-        };
-        let _ = offset_tx.send(Some(w.status()?.offset));
         while let Some(cmd) = rx.blocking_recv() {
             match cmd {
                 Command::Write(b) => w
@@ -254,7 +242,7 @@ async fn download_in_parts(
     tracing::debug!(blob = %desc.digest, part_size, at_once, "fetching in parallel parts");
     let mut probe = Some(probe);
     let parts = (0..desc.size.div_ceil(part_size))
-        .map(|i| i * part_size..((i + 1) * part_size).min(desc.size))
+        .map(|i| i * part_size..(i + 1).saturating_mul(part_size).min(desc.size))
         .map(|range| {
             let first = probe.take();
             async move {
@@ -264,11 +252,55 @@ async fn download_in_parts(
                     .map(|()| buf.freeze())
             }
         });
-    let mut parts = futures_util::stream::iter(parts).buffered(at_once.max(1));
-    while let Some(part) = parts.next().await {
-        sink.deliver(part?).await?;
-    }
-    Ok(())
+    // Parts go on downloading while earlier ones are handed on (the apply
+    // may be the slower side): `at_once` in flight, one ready, one being
+    // handed on, in pieces small enough for the ingest channel and the feed.
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<Bytes, Stop>>(1);
+    let producer = async move {
+        let mut parts = futures_util::stream::iter(parts).buffered(at_once.max(1));
+        loop {
+            let part = tokio::select! {
+                part = parts.next() => part,
+                () = ready_tx.closed() => return,
+            };
+            let Some(part) = part else { return };
+            let failed = part.is_err();
+            if ready_tx.send(part).await.is_err() || failed {
+                return;
+            }
+        }
+    };
+    let consumer = async move {
+        while let Some(part) = ready_rx.recv().await {
+            let mut part = part?;
+            while !part.is_empty() {
+                let piece = part.split_to(part.len().min(PIECE));
+                sink.deliver(piece).await?;
+            }
+        }
+        Ok(())
+    };
+    let ((), delivered) = tokio::join!(producer, consumer);
+    delivered
+}
+
+/// The largest piece of a part handed on at once.
+const PIECE: usize = 256 << 10;
+
+/// Where a `206`'s `Content-Range: bytes START-END/SIZE` starts.
+fn content_range_start(response: &Response) -> Option<u64> {
+    let value = response
+        .headers()
+        .get(reqwest::header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?;
+    value
+        .strip_prefix("bytes ")?
+        .split('-')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Where [`download_range`] puts what it downloads.
@@ -330,19 +362,23 @@ async fn download_range(
             Some(r) => r,
             None => repo.blob(desc, from..range.end).await?,
         };
-        // Bytes of a whole-blob answer that come before the ones wanted.
+        // Bytes of a whole-blob answer that come before the ones wanted; its
+        // bytes after them are never read.
         let mut skip = 0;
+        let whole = response.status() != StatusCode::PARTIAL_CONTENT;
         let asked_range = from > 0 || range.end < desc.size;
-        if asked_range && response.status() != StatusCode::PARTIAL_CONTENT {
-            if range.end < desc.size {
-                return Err(protocol(format!(
-                    "answered a request for bytes {from}..{} with {}",
-                    range.end,
-                    response.status()
-                )));
-            }
-            tracing::info!(blob = %desc.digest, from, "registry ignored Range; skipping what is stored");
+        if asked_range && whole {
+            tracing::info!(blob = %desc.digest, from, "registry ignored Range; skipping to the bytes wanted");
             skip = from;
+        } else if asked_range {
+            match content_range_start(&response) {
+                Some(start) if start != from => {
+                    return Err(protocol(format!(
+                        "answered a request for bytes from {from} with bytes from {start}"
+                    )));
+                }
+                _ => {}
+            }
         }
         loop {
             match tokio::time::timeout(timeout, response.chunk()).await {
@@ -363,15 +399,23 @@ async fn download_range(
                     if chunk.is_empty() {
                         continue;
                     }
-                    got += chunk.len() as u64;
-                    if got > want {
-                        return Err(protocol(if range.end == desc.size {
-                            format!("more than the {} bytes its descriptor says", desc.size)
-                        } else {
-                            format!("more than the {want} bytes asked for at {}", range.start)
-                        }));
+                    let rest = want - got;
+                    if chunk.len() as u64 > rest {
+                        if !(whole && range.end < desc.size) {
+                            return Err(protocol(if range.end == desc.size {
+                                format!("more than the {} bytes its descriptor says", desc.size)
+                            } else {
+                                format!("more than the {want} bytes asked for at {}", range.start)
+                            }));
+                        }
+                        // A whole blob sent for a part: only the part is wanted.
+                        chunk.truncate(rest as usize);
                     }
+                    got += chunk.len() as u64;
                     into.put(chunk).await?;
+                    if got == want && whole && range.end < desc.size {
+                        return Ok(());
+                    }
                 }
                 Ok(Ok(None)) if got == want => return Ok(()),
                 // Early EOF or a dropped connection: resume from where we are.

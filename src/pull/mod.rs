@@ -356,7 +356,11 @@ impl Job<'_> {
             ),
             None => None,
         };
-        let total: u64 = manifest.layers.iter().map(|l| l.size).sum();
+        // Sizes come from the manifest: no sum of them may overflow.
+        let total = manifest
+            .layers
+            .iter()
+            .fold(0u64, |sum, l| sum.saturating_add(l.size));
         let ranged = self.repo.options().ranged;
         let mut feeds = Vec::with_capacity(manifest.layers.len());
         let fetches: Vec<_> = manifest

@@ -26,7 +26,7 @@ use crate::snapshot::{Error as SnapshotError, Snapshots, Snapshotter};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedMutexGuard, Semaphore, oneshot, watch};
+use tokio::sync::{Mutex, OwnedMutexGuard, Semaphore, oneshot, watch};
 
 pub const LABEL_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 
@@ -76,26 +76,42 @@ struct Layer {
 
 /// What an unpack will do, settled once the config is stored and before
 /// the layers download, so that the layers to apply can be fed live.
+///
+/// Each chain ID has a lock, so that two unpacks never apply the same
+/// layer at once. A parallel unpack takes the locks it can get at once and
+/// applies those layers; a layer whose lock another unpack holds is left to
+/// that one, and waited for at commit. Every lock is given up as soon as its
+/// layer is committed, so an unpack waits for a lock only while holding
+/// none below it, and two unpacks sharing a base cannot wait on each other.
 pub struct Plan {
     layers: Vec<Layer>,
-    /// Layers below this are committed already.
+    /// Layers below this were committed already.
     start: usize,
     top: Digest,
     parallel: bool,
-    /// Unpacks of one chain ID run one at a time.
-    _held: Vec<OwnedMutexGuard<()>>,
+    locks: Vec<Arc<Mutex<()>>>,
+    /// The locks this unpack took while planning, by layer.
+    held: Vec<Option<OwnedMutexGuard<()>>>,
 }
 
 impl Plan {
-    /// Whether layer `i` applies as it downloads: every layer to apply
-    /// does when layers apply in parallel, none when they apply in order.
+    /// Whether layer `i` applies as it downloads: in parallel, every layer
+    /// this unpack applies does; in order, none does.
     pub fn streams(&self, i: usize) -> bool {
-        self.parallel && i >= self.start
+        self.parallel && i >= self.start && self.held[i].is_some()
+    }
+
+    /// Layer `i`'s lock: the one taken while planning, or a wait for it.
+    async fn lock(&mut self, i: usize) -> OwnedMutexGuard<()> {
+        match self.held[i].take() {
+            Some(held) => held,
+            None => self.locks[i].clone().lock_owned().await,
+        }
     }
 }
 
-/// Reads the (stored) config, computes the chain, takes its locks and finds
-/// what is committed already.
+/// Reads the (stored) config, computes the chain, takes the locks it can
+/// and finds what is committed already.
 pub async fn plan(
     puller: &super::Puller,
     store: &ContentStore,
@@ -132,12 +148,15 @@ pub async fn plan(
             parent: i.checked_sub(1).map(|p| chain[p].to_string()),
         })
         .collect();
-    // Taking the locks in chain order keeps two unpacks of overlapping
-    // chains from deadlocking.
-    let mut held = Vec::with_capacity(chain.len());
-    for c in &chain {
-        held.push(puller.chain_lock(c).lock_owned().await);
-    }
+    let parallel = !sequential && snapshots.root().rebases();
+    let locks: Vec<_> = chain.iter().map(|c| puller.chain_lock(c)).collect();
+    let held = locks
+        .iter()
+        .map(|l| match parallel {
+            true => l.clone().try_lock_owned().ok(),
+            false => None,
+        })
+        .collect();
     // A committed chain ID means everything below it is committed too.
     let mut start = layers.len();
     while start > 0 && !committed(snapshots, &layers[start - 1].chain_id).await? {
@@ -151,8 +170,9 @@ pub async fn plan(
         layers,
         start,
         top,
-        parallel: !sequential && snapshots.root().rebases(),
-        _held: held,
+        parallel,
+        locks,
+        held,
     })
 }
 
@@ -160,41 +180,39 @@ pub async fn plan(
 /// each descriptor is stored; `feeds[i]` is layer i's live feed, where
 /// [`Plan::streams`] wanted one.
 pub async fn unpack(
-    plan: Plan,
+    mut plan: Plan,
     store: &ContentStore,
     snapshots: &Snapshots,
     config: &Descriptor,
     arrivals: Arrivals,
-    mut feeds: Vec<Option<FeedReceiver>>,
+    feeds: Vec<Option<FeedReceiver>>,
     progress: &Progress,
 ) -> Result<Unpacked> {
     let started = Instant::now();
-    let (all, start) = (&plan.layers, plan.start);
+    let (all, start) = (plan.layers.clone(), plan.start);
     let todo = &all[start..];
     // One progress line: the compressed bytes of the layers committed so far.
     let key = format!("unpack-{}", config.digest);
-    let total: u64 = all.iter().map(|l| l.desc.size).sum();
-    let done_before: u64 = all[..start].iter().map(|l| l.desc.size).sum();
+    let size = |layers: &[Layer]| {
+        layers
+            .iter()
+            .fold(0u64, |sum, l| sum.saturating_add(l.desc.size))
+    };
+    let (total, done_before) = (size(&all), size(&all[..start]));
     progress.set(&key, State::Unpacking, total);
     progress.advance(&key, done_before);
-    let tick = |k: usize| {
-        progress.advance(
-            &key,
-            done_before + todo[..=k].iter().map(|l| l.desc.size).sum::<u64>(),
-        )
-    };
+    let tick = |k: usize| progress.advance(&key, done_before.saturating_add(size(&todo[..=k])));
     let (applied, streamed) = if plan.parallel {
-        feeds.resize_with(all.len(), || None);
-        let feeds = feeds.split_off(start);
-        unpack_parallel(store, snapshots, todo, start, &arrivals, feeds, &tick).await?
+        unpack_parallel(&mut plan, store, snapshots, &arrivals, feeds, &tick).await?
     } else {
         let mut applied = 0;
-        for (offset, layer) in todo.iter().enumerate() {
-            arrivals.wait(start + offset + 1).await?;
+        for (k, layer) in todo.iter().enumerate() {
+            let _lock = plan.lock(start + k).await;
+            arrivals.wait(start + k + 1).await?;
             if apply_sequential(store, snapshots, layer).await? {
                 applied += 1;
             }
-            tick(offset);
+            tick(k);
         }
         (applied, 0)
     };
@@ -205,7 +223,7 @@ pub async fn unpack(
     for i in 1..=all.len() {
         arrivals.wait(i).await?;
     }
-    for layer in all {
+    for layer in &all {
         let (st, digest, diff) = (
             store.clone(),
             layer.desc.digest.clone(),
@@ -349,6 +367,9 @@ async fn apply_sequential(
     layer: &Layer,
 ) -> Result<bool> {
     if committed(snapshots, &layer.chain_id).await? {
+        // Another unpack's: this pull's lease keeps it from here on.
+        let (s, name) = (snapshots.clone(), layer.chain_id.to_string());
+        blocking(move || s.hold(&name)).await??;
         return Ok(false);
     }
     let (s, st, l) = (snapshots.clone(), store.clone(), layer.clone());
@@ -360,22 +381,49 @@ async fn apply_sequential(
     .await?
 }
 
-/// A parallel apply's active snapshot key, what it applied, and whether it
-/// applied from the download.
-type ParallelResult = Result<(String, Applied, bool)>;
+/// An active snapshot a parallel apply made, removed when dropped unless
+/// it was handed on to be committed: a result nobody receives (the unpack
+/// failed or was cancelled) leaves nothing behind.
+struct Extracted {
+    snapshots: Snapshots,
+    key: Option<String>,
+}
 
-/// Applies each layer of `todo` (the manifest's layers from index `offset`
-/// on) into a parentless snapshot, live as it downloads where it has a feed,
-/// else from the store once stored; commits them in chain order.
+impl Extracted {
+    fn into_key(mut self) -> String {
+        self.key.take().unwrap_or_default()
+    }
+}
+
+impl Drop for Extracted {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let s = self.snapshots.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || remove_quietly(&s, &key))),
+            Err(_) => remove_quietly(&s, &key),
+        }
+    }
+}
+
+/// A parallel apply's snapshot, what it applied, and whether it applied
+/// from the download.
+type ParallelResult = Result<(Extracted, Applied, bool)>;
+
+/// Applies each layer this unpack took the lock of into a parentless
+/// snapshot, live as it downloads where it has a feed, else from the store
+/// once stored; then commits every layer in chain order, waiting for the
+/// ones other unpacks hold (and applying them in order if those failed).
 async fn unpack_parallel(
+    plan: &mut Plan,
     store: &ContentStore,
     snapshots: &Snapshots,
-    todo: &[Layer],
-    offset: usize,
     arrivals: &Arrivals,
-    feeds: Vec<Option<FeedReceiver>>,
+    mut feeds: Vec<Option<FeedReceiver>>,
     tick: &(dyn Fn(usize) + Sync),
 ) -> Result<(usize, usize)> {
+    let start = plan.start;
+    let todo = plan.layers[start..].to_vec();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -383,18 +431,22 @@ async fn unpack_parallel(
     // by the download limit, and waiting would stall their downloads.
     let limit = Arc::new(Semaphore::new(cores));
     let mut results = Vec::with_capacity(todo.len());
-    for (k, feed) in feeds.into_iter().enumerate() {
+    for (k, layer) in todo.iter().enumerate() {
+        let index = start + k;
+        if plan.held[index].is_none() {
+            results.push(None);
+            continue;
+        }
+        let feed = feeds.get_mut(index).and_then(Option::take);
         let (mut tx, rx) = oneshot::channel::<ParallelResult>();
-        results.push(rx);
+        results.push(Some(rx));
         let (s, st, l, limit, arrivals) = (
             snapshots.clone(),
             store.clone(),
-            todo[k].clone(),
+            layer.clone(),
             limit.clone(),
             arrivals.clone(),
         );
-        let index = offset + k + 1;
-        let orphans = snapshots.clone();
         tokio::spawn(async move {
             // Its source: the download as it happens, or the stored blob
             // and a share of the cores.
@@ -404,7 +456,7 @@ async fn unpack_parallel(
                 {
                     return Ok((Source::Live(reader), None));
                 }
-                arrivals.wait(index).await?;
+                arrivals.wait(index + 1).await?;
                 let permit = limit
                     .acquire_owned()
                     .await
@@ -422,41 +474,56 @@ async fn unpack_parallel(
                     let live = matches!(source, Source::Live(_));
                     blocking(move || {
                         let key = extract_key(&l.chain_id);
-                        prepare_and_apply(&s, &st, &l, &key, None, source).map(|a| (key, a, live))
+                        prepare_and_apply(&s, &st, &l, &key, None, source).map(|a| {
+                            let extracted = Extracted {
+                                snapshots: s.clone(),
+                                key: Some(key),
+                            };
+                            (extracted, a, live)
+                        })
                     })
                     .await
                     .and_then(|r| r)
                 }
                 Err(e) => Err(e),
             };
-            // Nobody will commit it once the unpack has failed.
-            if let Err(Ok((key, _, _))) = tx.send(result) {
-                let _ = blocking(move || remove_quietly(&orphans, &key)).await;
-            }
+            // Not received, it is dropped, and so is its snapshot.
+            let _ = tx.send(result);
         });
     }
     let (mut applied, mut streamed) = (0, 0);
     for (k, rx) in results.into_iter().enumerate() {
-        let layer = &todo[k];
-        let outcome = rx
-            .await
-            .map_err(|_| Error::Internal("a parallel apply ended without a result".into()))?;
+        let (index, layer) = (start + k, &todo[k]);
+        let _lock = plan.lock(index).await;
+        let outcome = match rx {
+            Some(rx) => Some(rx.await.map_err(|_| {
+                Error::Internal(format!(
+                    "the parallel apply of layer {} ended without a result",
+                    layer.desc.digest
+                ))
+            })?),
+            None => None,
+        };
         // A layer is committed only once its blob is stored, digest checked.
-        arrivals.wait(offset + k + 1).await?;
+        arrivals.wait(index + 1).await?;
         let (s, l) = (snapshots.clone(), layer.clone());
         let committed = match outcome {
-            Ok((key, a, live)) => {
+            Some(Ok((extracted, a, live))) => {
+                let key = extracted.into_key();
                 let committed = blocking(move || commit(&s, &l, &key, Some(&a))).await??;
                 streamed += usize::from(committed && live);
                 committed
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 // Applied on its own it could not be (a hardlink into a
                 // lower, say): apply it the sequential way, now that its
                 // parent is committed. A real fault fails again there.
                 tracing::info!(layer = %layer.desc.digest, error = %e, "parallel apply failed; applying sequentially");
                 apply_sequential(store, snapshots, layer).await?
             }
+            // Another unpack held it: committed by now, or (if that one
+            // failed) applied here.
+            None => apply_sequential(store, snapshots, layer).await?,
         };
         if committed {
             applied += 1;

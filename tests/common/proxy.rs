@@ -19,6 +19,8 @@ pub enum Fault {
     IgnoreRange,
     /// Send a blob body one byte per second.
     Trickle,
+    /// Forward as asked (to aim the faults after it at later requests).
+    Pass,
 }
 
 #[derive(Debug, Clone)]
