@@ -21,7 +21,8 @@ use futures_util::StreamExt;
 use reqwest::{Response, StatusCode};
 use std::io::Write;
 use std::ops::Range;
-use tokio::sync::{Semaphore, mpsc};
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 enum Command {
     Write(Bytes),
@@ -241,21 +242,28 @@ async fn download_in_parts(
     }
     tracing::debug!(blob = %desc.digest, part_size, at_once, "fetching in parallel parts");
     let mut probe = Some(probe);
+    let room = Arc::new(Semaphore::new(at_once.max(1)));
     let parts = (0..desc.size.div_ceil(part_size))
         .map(|i| i * part_size..(i + 1).saturating_mul(part_size).min(desc.size))
         .map(|range| {
             let first = probe.take();
+            let room = room.clone();
             async move {
+                let held = room
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| Stop::Failed(Error::Internal(format!("part limiter: {e}"))))?;
                 let mut buf = BytesMut::with_capacity((range.end - range.start) as usize);
                 download_range(repo, desc, range, first, Dest::Buffer(&mut buf))
                     .await
-                    .map(|()| buf.freeze())
+                    .map(|()| (buf.freeze(), held))
             }
         });
     // Parts go on downloading while earlier ones are handed on (the apply
-    // may be the slower side): `at_once` in flight, one ready, one being
-    // handed on, in pieces small enough for the ingest channel and the feed.
-    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<Bytes, Stop>>(1);
+    // may be the slower side), handed on in pieces small enough for the
+    // ingest channel and the feed. A part holds its room until it has been
+    // handed on, so at most `at_once` parts are in memory.
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(Bytes, OwnedSemaphorePermit), Stop>>(1);
     let producer = async move {
         let mut parts = futures_util::stream::iter(parts).buffered(at_once.max(1));
         loop {
@@ -272,7 +280,7 @@ async fn download_in_parts(
     };
     let consumer = async move {
         while let Some(part) = ready_rx.recv().await {
-            let mut part = part?;
+            let (mut part, _room) = part?;
             while !part.is_empty() {
                 let piece = part.split_to(part.len().min(PIECE));
                 sink.deliver(piece).await?;

@@ -41,7 +41,8 @@ pub struct RemoteOptions {
 /// consecutive parts of `part_size` bytes, `parts_at_once` requests in
 /// flight, and handed on in order. It pays where one connection cannot fill
 /// the link (per-connection throttling, long round trips); the parts wait in
-/// memory, so at most `part_size * parts_at_once` bytes per layer.
+/// memory, at most `part_size * parts_at_once` bytes per layer (a part
+/// counts until it has been handed on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RangedFetch {
     /// 0 turns ranged fetches off.
