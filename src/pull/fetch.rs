@@ -262,8 +262,11 @@ async fn download_in_parts(
     // Parts go on downloading while earlier ones are handed on (the apply
     // may be the slower side), handed on in pieces small enough for the
     // ingest channel and the feed. A part holds its room until it has been
-    // handed on, so at most `at_once` parts are in memory.
-    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(Bytes, OwnedSemaphorePermit), Stop>>(1);
+    // handed on, so at most `at_once` parts are in memory; the channel has
+    // a place for each, so a finished part never keeps the others from
+    // being polled.
+    let (ready_tx, mut ready_rx) =
+        mpsc::channel::<Result<(Bytes, OwnedSemaphorePermit), Stop>>(at_once.max(1));
     let producer = async move {
         let mut parts = futures_util::stream::iter(parts).buffered(at_once.max(1));
         loop {
@@ -360,8 +363,12 @@ async fn download_range(
     };
     let mut got = 0u64;
     let mut attempt = 0;
+    // Attempts count failures in a row: an interrupted request that moved
+    // bytes starts the count again, so a long download survives many drops.
+    let mut got_before = 0u64;
     'request: loop {
-        attempt += 1;
+        attempt = if got > got_before { 1 } else { attempt + 1 };
+        got_before = got;
         if got == want {
             return Ok(());
         }

@@ -196,9 +196,15 @@ impl Puller {
         lock_for(&self.blob_locks, digest)
     }
 
-    /// Unpacks of one chain ID run one at a time.
-    pub(crate) fn chain_lock(&self, chain_id: &Digest) -> Arc<tokio::sync::Mutex<()>> {
-        lock_for(&self.chain_locks, chain_id)
+    /// Unpacks of one chain ID in one namespace's snapshots run one at a
+    /// time (namespaces have snapshots of their own).
+    pub(crate) fn chain_lock(
+        &self,
+        namespace: &str,
+        chain_id: &Digest,
+    ) -> Arc<tokio::sync::Mutex<()>> {
+        let key = Digest::of(format!("{namespace}\0{chain_id}").as_bytes());
+        lock_for(&self.chain_locks, &key)
     }
 }
 

@@ -148,15 +148,6 @@ pub async fn plan(
             parent: i.checked_sub(1).map(|p| chain[p].to_string()),
         })
         .collect();
-    let parallel = !sequential && snapshots.root().rebases();
-    let locks: Vec<_> = chain.iter().map(|c| puller.chain_lock(c)).collect();
-    let held = locks
-        .iter()
-        .map(|l| match parallel {
-            true => l.clone().try_lock_owned().ok(),
-            false => None,
-        })
-        .collect();
     // A committed chain ID means everything below it is committed too.
     let mut start = layers.len();
     while start > 0 && !committed(snapshots, &layers[start - 1].chain_id).await? {
@@ -166,6 +157,21 @@ pub async fn plan(
         let (s, name) = (snapshots.clone(), layers[reused].chain_id.to_string());
         blocking(move || s.hold(&name)).await??;
     }
+    let parallel = !sequential && snapshots.root().rebases();
+    let locks: Vec<_> = chain
+        .iter()
+        .map(|c| puller.chain_lock(snapshots.namespace_name(), c))
+        .collect();
+    // Only the layers to apply: a lock held below `start` would never be
+    // given up before the unpack ends, and could close a cycle of waits.
+    let held = locks
+        .iter()
+        .enumerate()
+        .map(|(i, l)| match parallel && i >= start {
+            true => l.clone().try_lock_owned().ok(),
+            false => None,
+        })
+        .collect();
     Ok(Plan {
         layers,
         start,

@@ -279,6 +279,11 @@ impl SnapshotCollector for SnapshotRoot {
 }
 
 impl Snapshots {
+    /// The namespace these snapshots belong to.
+    pub fn namespace_name(&self) -> &str {
+        &self.namespace
+    }
+
     /// The same namespace, with every new snapshot held by `lease`.
     pub fn with_lease(&self, lease: &str) -> Self {
         Snapshots {
