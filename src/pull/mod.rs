@@ -345,9 +345,8 @@ impl Job<'_> {
         // The config first: it says which layers need applying, and those
         // are fed to their applies as they download.
         let config = &manifest.config;
-        let (arrived, arrivals) = unpack::arrivals(children.len());
         self.fetch_data_blob(config, None, false).await?;
-        arrived.send_modify(|stored| stored[0] = true);
+        let (arrived, arrivals) = unpack::arrivals(manifest.layers.len());
         let plan = match self.snapshots {
             Some(snapshots) => Some(
                 unpack::plan(
@@ -375,7 +374,7 @@ impl Job<'_> {
             .enumerate()
             .map(|(i, layer)| {
                 let (tx, rx) = match &plan {
-                    Some(p) if p.streams(i) => {
+                    Some(p) if p.applies_live(i) => {
                         let (tx, rx) = feed::feed(feed::FEED_BUDGET);
                         (Some(tx), Some(rx))
                     }
@@ -386,7 +385,7 @@ impl Job<'_> {
                 let in_parts = ranged.applies(layer.size, total);
                 async move {
                     self.fetch_data_blob(layer, tx, in_parts).await?;
-                    arrived.send_modify(|stored| stored[i + 1] = true);
+                    arrived.send_modify(|stored| stored[i] = true);
                     Ok::<_, Error>(())
                 }
             })

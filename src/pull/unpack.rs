@@ -44,12 +44,13 @@ pub struct Unpacked {
     pub duration: Duration,
 }
 
-/// Which descriptors (0: config, 1..: layers) are in the content store;
-/// the fetch side marks them in the sender [`arrivals`] returns.
+/// Which layers are in the content store (the config is, before any
+/// unpack starts); the fetch side marks them in the sender [`arrivals`]
+/// returns.
 #[derive(Clone)]
 pub struct Arrivals(watch::Receiver<Vec<bool>>);
 
-/// A board of `n` descriptors, none stored yet.
+/// A board of `n` layers, none stored yet.
 pub fn arrivals(n: usize) -> (watch::Sender<Vec<bool>>, Arrivals) {
     let (tx, rx) = watch::channel(vec![false; n]);
     (tx, Arrivals(rx))
@@ -90,15 +91,17 @@ pub struct Plan {
     top: Digest,
     parallel: bool,
     locks: Vec<Arc<Mutex<()>>>,
-    /// The locks this unpack took while planning, by layer.
+    /// The locks this unpack took while planning, by layer: only in
+    /// parallel, only at or above `start`, and those are the layers it
+    /// applies.
     held: Vec<Option<OwnedMutexGuard<()>>>,
 }
 
 impl Plan {
-    /// Whether layer `i` applies as it downloads: in parallel, every layer
-    /// this unpack applies does; in order, none does.
-    pub fn streams(&self, i: usize) -> bool {
-        self.parallel && i >= self.start && self.held[i].is_some()
+    /// Whether this unpack applies layer `i` in parallel, as it downloads
+    /// (in order, none is).
+    pub fn applies_live(&self, i: usize) -> bool {
+        self.held[i].is_some()
     }
 
     /// Layer `i`'s lock: the one taken while planning, or a wait for it.
@@ -214,7 +217,7 @@ pub async fn unpack(
         let mut applied = 0;
         for (k, layer) in todo.iter().enumerate() {
             let _lock = plan.lock(start + k).await;
-            arrivals.wait(start + k + 1).await?;
+            arrivals.wait(start + k).await?;
             if apply_sequential(store, snapshots, layer).await? {
                 applied += 1;
             }
@@ -226,7 +229,7 @@ pub async fn unpack(
 
     // Layers below an already committed chain were never waited for; their
     // blobs must be in this namespace before they are labelled.
-    for i in 1..=all.len() {
+    for i in 0..all.len() {
         arrivals.wait(i).await?;
     }
     for layer in &all {
@@ -439,7 +442,7 @@ async fn unpack_parallel(
     let mut results = Vec::with_capacity(todo.len());
     for (k, layer) in todo.iter().enumerate() {
         let index = start + k;
-        if plan.held[index].is_none() {
+        if !plan.applies_live(index) {
             results.push(None);
             continue;
         }
@@ -462,7 +465,7 @@ async fn unpack_parallel(
                 {
                     return Ok((Source::Live(reader), None));
                 }
-                arrivals.wait(index + 1).await?;
+                arrivals.wait(index).await?;
                 let permit = limit
                     .acquire_owned()
                     .await
@@ -511,7 +514,7 @@ async fn unpack_parallel(
             None => None,
         };
         // A layer is committed only once its blob is stored, digest checked.
-        arrivals.wait(index + 1).await?;
+        arrivals.wait(index).await?;
         let (s, l) = (snapshots.clone(), layer.clone());
         let committed = match outcome {
             Some(Ok((extracted, a, live))) => {
