@@ -176,10 +176,7 @@ async fn push_user_image(reg: &Registry, repo: &str, tag: &str, user: &str, seed
 
 #[tokio::test]
 async fn every_rpc_over_the_socket_as_root() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     let reg = Registry::start();
     let img = push_image(
         &reg,
@@ -366,10 +363,7 @@ async fn fetch_manifest(reg: &Registry, repo: &str, tag: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn twenty_concurrent_pulls_fetch_each_blob_once_as_root() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     let reg = Registry::start();
     let proxy = Proxy::start(reg.addr.clone()).await;
     let img = push_image(
@@ -409,10 +403,7 @@ async fn twenty_concurrent_pulls_fetch_each_blob_once_as_root() {
 
 #[tokio::test]
 async fn restart_keeps_images_and_a_sigtermed_pull_resumes_as_root() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     let reg = Registry::start();
     let proxy = Proxy::start(reg.addr.clone()).await;
     let kept = push_image(

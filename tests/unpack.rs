@@ -11,10 +11,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 /// path -> "file:<content>", "dir", "link:<target>".
 fn tree(root: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
@@ -176,28 +172,19 @@ async fn pull_mount_compare(snapshotter: &str) {
 
 #[tokio::test]
 async fn overlay_unpack_mount_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     pull_mount_compare("overlayfs").await;
 }
 
 #[tokio::test]
 async fn native_unpack_mount_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     pull_mount_compare("native").await;
 }
 
 #[tokio::test]
 async fn a_wrong_diff_id_fails_and_leaves_no_snapshot_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     let reg = Registry::start();
     let layers = layers();
     let mut diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
@@ -306,10 +293,7 @@ fn xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[tokio::test]
 async fn parallel_and_sequential_unpack_give_identical_trees_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     use Entry::*;
     let reg = Registry::start();
     let mut layers = layers();
@@ -415,10 +399,7 @@ fn mounted_tree(root: &Path, r: &str, mnt: &Path) -> BTreeMap<String, String> {
 /// sequential apply gives.
 #[tokio::test]
 async fn layers_stream_once_through_faults_and_parts_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     use common::proxy::{Fault, Proxy};
     use hoist::remote::RangedFetch;
     let reg = Registry::start();
@@ -496,10 +477,7 @@ async fn layers_stream_once_through_faults_and_parts_as_root() {
 /// committed, and GC leaves only the empty root.
 #[tokio::test]
 async fn a_damaged_layer_applied_as_it_downloads_leaves_nothing_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     let reg = Registry::start();
     let mut layers = layers();
     // Below the top layer, which applies (and is dropped) before it fails.
@@ -543,10 +521,7 @@ async fn a_damaged_layer_applied_as_it_downloads_leaves_nothing_as_root() {
 /// and both trees are right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pulls_sharing_a_base_commit_it_once_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     use hoist::pull::{PullOptions, Puller, progress::Progress};
     let reg = Registry::start();
     let base = layers();

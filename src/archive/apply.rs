@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::rc::Rc;
 
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::fcntl::AtFlags;
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags, fchmod, futimens, makedev, mknodat};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, fchown, fchownat, linkat, symlinkat};
@@ -365,16 +365,7 @@ impl Applier {
     ) -> Result<(), ArchiveError> {
         let fd = dir.fd.as_fd();
         let file = self.create(fd, base, display, "creating file", || {
-            openat(
-                fd,
-                base,
-                OFlag::O_WRONLY
-                    | OFlag::O_CREAT
-                    | OFlag::O_EXCL
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o600),
-            )
+            safe::create_new_file(fd, base)
         })?;
         let mut file = File::from(file);
         let write_err = |err| io_err("writing file", display, err);

@@ -117,6 +117,17 @@ pub(super) fn open_path(dir: BorrowedFd<'_>, name: &[u8]) -> nix::Result<OwnedFd
     )
 }
 
+/// Creates `name` in `dir` as a new regular file (0600 until its metadata
+/// is set), failing if anything is there, never following a symlink.
+pub(super) fn create_new_file(dir: BorrowedFd<'_>, name: &[u8]) -> nix::Result<OwnedFd> {
+    openat(
+        dir,
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+}
+
 /// Opens a root directory (the apply root or an overlay lower) as an O_PATH fd.
 pub(super) fn open_root(path: &Path) -> io::Result<OwnedFd> {
     Ok(nix::fcntl::open(

@@ -232,17 +232,7 @@ impl Applier {
                 Mode::empty(),
             )
             .map_err(|err| copy_err(err.into()))?;
-            let dst = openat(
-                fd,
-                name,
-                OFlag::O_WRONLY
-                    | OFlag::O_CREAT
-                    | OFlag::O_EXCL
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o600),
-            )
-            .map_err(|err| copy_err(err.into()))?;
+            let dst = safe::create_new_file(fd, name).map_err(|err| copy_err(err.into()))?;
             copy_sparse(
                 &File::from(src),
                 &File::from(dst),

@@ -5,6 +5,18 @@
 
 pub mod proxy;
 
+/// Ends a test that needs root (mounts, ownership, xattrs) early, saying
+/// so, when it is not run as root; CI runs these as root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+    };
+}
+
 use hoist::descriptor::{Descriptor, Platform};
 use hoist::digest::Digest;
 use serde_json::json;
