@@ -475,7 +475,7 @@ async fn layers_stream_once_through_faults_and_parts_as_root() {
 /// A layer whose bytes do not match its digest fails the pull even though
 /// its apply began before the digest could be checked: nothing of it is
 /// committed, and GC leaves only the empty root.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_layer_applied_as_it_downloads_leaves_nothing_as_root() {
     require_root!();
     let reg = Registry::start();
@@ -508,7 +508,8 @@ async fn a_damaged_layer_applied_as_it_downloads_leaves_nothing_as_root() {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "left behind: {snaps}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Asleep without blocking the runtime the cleanup tasks run on.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     ok(&root, &["gc"]);
     assert!(ok(&root, &["content", "ls", "-q"]).trim().is_empty());
