@@ -774,3 +774,225 @@ async fn platforms_pulled_one_after_another_all_survive_gc() {
         assert!(store.info(&d.digest).is_ok(), "{} was collected", d.digest);
     }
 }
+
+/// A puller whose hosts come from `hosts_dir` and whose fallback
+/// credentials from a docker `config.json`, if given.
+fn puller_with_hosts(
+    root: &std::path::Path,
+    hosts_dir: &std::path::Path,
+    docker_config: Option<std::path::PathBuf>,
+) -> Arc<Puller> {
+    let db = Db::open(root).unwrap();
+    let remote = RemoteOptions {
+        hosts: hoist::remote::HostsConfig::new(Some(hosts_dir.to_path_buf()), false),
+        credentials: hoist::remote::CredentialSource {
+            explicit: None,
+            docker_config,
+        },
+        progress_timeout: Duration::from_secs(10),
+        attempts: 2,
+        ..Default::default()
+    };
+    Puller::new(db, RegistryClient::new(remote), 3, None)
+}
+
+#[tokio::test]
+async fn credentials_go_only_to_the_host_their_server_address_names() {
+    let reg =
+        Registry::start_with_auth(Some(("alice", "s3cret"))).with_push_auth("alice", "s3cret");
+    let img = push_image(
+        &reg,
+        "private/app",
+        Some("1"),
+        &[random_layer(51, 1000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    // A mirror on another port that asks every client for a password.
+    let mirror = common::trap::AuthTrap::start().await;
+    let hosts = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(hosts.path().join(&reg.addr)).unwrap();
+    std::fs::write(
+        hosts.path().join(&reg.addr).join("hosts.toml"),
+        format!(
+            "server = \"http://{}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            reg.addr, mirror.addr
+        ),
+    )
+    .unwrap();
+    let r = format!("{}/private/app:1", reg.addr);
+    let alice = || hoist::remote::Credentials::from_user_flag("alice:s3cret");
+
+    // Scoped to the upstream (as kubelet's server_address does): the mirror
+    // is asked anonymously, the upstream gets them.
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller_with_hosts(dir.path(), hosts.path(), None);
+    let scoped = PullOptions {
+        credentials: Some(alice().only_for_server_address(&format!("https://{}/v1/", reg.addr))),
+        ..Default::default()
+    };
+    let pulled = p.pull(NS, &r, &scoped, &Progress::default()).await.unwrap();
+    assert_eq!(pulled.manifests[0].manifest.digest, img.manifest.digest);
+    assert!(mirror.requests() > 0, "the mirror was tried first");
+    assert_eq!(mirror.authorizations(), Vec::<String>::new());
+
+    // Scoped to the mirror: the upstream gets nothing and refuses.
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller_with_hosts(dir.path(), hosts.path(), None);
+    let elsewhere = PullOptions {
+        credentials: Some(alice().only_for_server_address(&format!("http://{}", mirror.addr))),
+        ..Default::default()
+    };
+    let err = p
+        .pull(NS, &r, &elsewhere, &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("denied"), "{err}");
+    assert_eq!(mirror.authorizations().len(), 1, "the mirror got its own");
+
+    // A docker config.json entry for the upstream is not the mirror's either.
+    let auth_dir = tempfile::tempdir().unwrap();
+    let config = auth_dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"auths": {{"{}": {{"username": "alice", "password": "s3cret"}}}}}}"#,
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller_with_hosts(dir.path(), hosts.path(), Some(config));
+    pull(&p, &r).await.unwrap();
+    assert_eq!(mirror.authorizations().len(), 1);
+
+    // Without a server address they are for every host, mirrors included,
+    // as containerd does.
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller_with_hosts(dir.path(), hosts.path(), None);
+    let everywhere = PullOptions {
+        credentials: Some(alice().only_for_server_address("")),
+        ..Default::default()
+    };
+    p.pull(NS, &r, &everywhere, &Progress::default())
+        .await
+        .unwrap();
+    assert!(mirror.authorizations().len() > 1);
+    assert!(mirror.authorizations()[1].starts_with("Basic "));
+}
+
+#[tokio::test]
+async fn index_entries_without_a_platform_come_last_and_configs_are_checked() {
+    let reg = Registry::start();
+    let repo = "plain/app";
+    let native = push_image(
+        &reg,
+        repo,
+        None,
+        &[random_layer(61, 1000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let unlabelled = push_image(
+        &reg,
+        repo,
+        None,
+        &[random_layer(62, 1000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let foreign = push_image(
+        &reg,
+        repo,
+        None,
+        &[random_layer(63, 1000)],
+        ("linux", other_arch()),
+        false,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_secs(10));
+    let host = Some(("linux", host_arch()));
+    let other = Some(("linux", other_arch()));
+
+    // An entry without a platform passes, but one that matches comes first,
+    // wherever it stands in the index.
+    push_index_of(
+        &reg,
+        repo,
+        "both",
+        &[
+            for_platform(&unlabelled.manifest, None),
+            for_platform(&foreign.manifest, other),
+            for_platform(&native.manifest, host),
+        ],
+    )
+    .await;
+    let pulled = pull(&p, &format!("{}/{repo}:both", reg.addr))
+        .await
+        .unwrap();
+    assert_eq!(pulled.manifests.len(), 1);
+    assert_eq!(pulled.manifests[0].manifest.digest, native.manifest.digest);
+
+    // With no match by platform, the entry without one is taken.
+    push_index_of(
+        &reg,
+        repo,
+        "unlabelled",
+        &[
+            for_platform(&foreign.manifest, other),
+            for_platform(&unlabelled.manifest, None),
+        ],
+    )
+    .await;
+    let pulled = pull(&p, &format!("{}/{repo}:unlabelled", reg.addr))
+        .await
+        .unwrap();
+    assert_eq!(
+        pulled.manifests[0].manifest.digest,
+        unlabelled.manifest.digest
+    );
+
+    // Its config must then be for this platform: a foreign one fails,
+    // naming the manifest, its config and both platforms, before any layer
+    // is fetched.
+    let claims = [
+        (
+            "wrong-unlabelled",
+            vec![for_platform(&foreign.manifest, None)],
+        ),
+        ("wrong-claim", vec![for_platform(&foreign.manifest, host)]),
+    ];
+    for (tag, entries) in claims {
+        push_index_of(&reg, repo, tag, &entries).await;
+        let err = pull(&p, &format!("{}/{repo}:{tag}", reg.addr))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                hoist::pull::Error::Image(hoist::images::Error::ConfigPlatformMismatch { .. })
+            ),
+            "{tag}: {err:?}"
+        );
+        let message = err.to_string();
+        for part in [
+            foreign.manifest.digest.to_string(),
+            foreign.config.digest.to_string(),
+            format!("linux/{}", host_arch()),
+            format!("linux/{}", other_arch()),
+        ] {
+            assert!(message.contains(&part), "{tag}: {part} not in {message}");
+        }
+        assert!(
+            p.db()
+                .content_store(NS)
+                .info(&foreign.layers[0].digest)
+                .is_err(),
+            "{tag}: no layer of the foreign image is fetched"
+        );
+    }
+}

@@ -44,6 +44,15 @@ pub enum Error {
         digest: String,
         available: String,
     },
+    #[error(
+        "manifest {manifest} was chosen for platform {wanted}, but its config {config} is for {found}"
+    )]
+    ConfigPlatformMismatch {
+        manifest: String,
+        config: String,
+        wanted: String,
+        found: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,6 +245,12 @@ pub fn platform_string(p: &Platform) -> String {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ImageConfig {
     #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub variant: Option<String>,
+    #[serde(default)]
     pub rootfs: RootFs,
     #[serde(default)]
     pub config: Option<RuntimeConfig>,
@@ -255,6 +270,45 @@ pub struct RuntimeConfig {
 
 pub fn parse_config(desc: &Descriptor, body: &[u8]) -> Result<ImageConfig, Error> {
     parse("config", desc, body)
+}
+
+impl ImageConfig {
+    /// The platform the config says the image is built for, normalised.
+    pub fn platform(&self) -> Platform {
+        platform::normalize(Platform {
+            architecture: self.architecture.clone(),
+            os: self.os.clone(),
+            os_version: None,
+            os_features: Vec::new(),
+            variant: self.variant.clone().filter(|v| !v.is_empty()),
+        })
+    }
+}
+
+/// Checks that the config of `manifest`, chosen from an index for `wanted`,
+/// is for the same OS and architecture (after normalisation), as containerd
+/// checks a config's platform before it unpacks an image.
+pub fn check_config_platform(
+    manifest: &Descriptor,
+    config_desc: &Descriptor,
+    config: &ImageConfig,
+    wanted: &Platform,
+) -> Result<(), Error> {
+    let found = config.platform();
+    let wanted = platform::normalize(wanted.clone());
+    if found.os == wanted.os && found.architecture == wanted.architecture {
+        return Ok(());
+    }
+    let shown = |p: &Platform| match (p.os.is_empty(), p.architecture.is_empty()) {
+        (true, true) => "no platform".to_string(),
+        _ => platform_string(p),
+    };
+    Err(Error::ConfigPlatformMismatch {
+        manifest: manifest.digest.to_string(),
+        config: config_desc.digest.to_string(),
+        wanted: platform_string(&wanted),
+        found: shown(&found),
+    })
 }
 
 /// containerd's chain IDs: `chain(0) = diff(0)`,
@@ -313,5 +367,39 @@ mod tests {
             sniff_media_type(br#"{"manifests":[]}"#).as_deref(),
             Some(OCI_INDEX)
         );
+    }
+
+    #[test]
+    fn config_platform_must_match_the_chosen_one() {
+        let manifest = Descriptor::new(OCI_MANIFEST, Digest::of(b"m"), 1);
+        let config_desc = Descriptor::new(OCI_CONFIG, Digest::of(b"c"), 1);
+        let config = |body: &str| parse_config(&config_desc, body.as_bytes()).unwrap();
+        let check = |body: &str, wanted: &str| {
+            check_config_platform(
+                &manifest,
+                &config_desc,
+                &config(body),
+                &platform::parse(wanted).unwrap(),
+            )
+        };
+        check(r#"{"os":"linux","architecture":"arm64"}"#, "linux/arm64/v8").unwrap();
+        check(r#"{"os":"linux","architecture":"x86_64"}"#, "linux/amd64").unwrap();
+        // The variant is the index's business; the config need not repeat it.
+        check(r#"{"os":"linux","architecture":"amd64"}"#, "linux/amd64/v3").unwrap();
+        let err = check(r#"{"os":"linux","architecture":"arm64"}"#, "linux/amd64")
+            .unwrap_err()
+            .to_string();
+        for part in [
+            manifest.digest.to_string(),
+            config_desc.digest.to_string(),
+            "linux/amd64".to_string(),
+            "linux/arm64/v8".to_string(),
+        ] {
+            assert!(err.contains(&part), "{part} missing from {err}");
+        }
+        let err = check(r#"{"os":"windows","architecture":"amd64"}"#, "linux/amd64").unwrap_err();
+        assert!(err.to_string().contains("windows/amd64"), "{err}");
+        let err = check(r#"{"rootfs":{"type":"layers"}}"#, "linux/amd64").unwrap_err();
+        assert!(err.to_string().contains("no platform"), "{err}");
     }
 }

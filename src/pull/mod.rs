@@ -241,6 +241,12 @@ struct Job<'a> {
     progress: &'a Progress,
 }
 
+/// A manifest picked from an index, and the platforms it was picked for.
+struct Chosen {
+    manifest: Descriptor,
+    wanted: Vec<Platform>,
+}
+
 fn progress_key(kind: Kind, digest: &Digest) -> String {
     format!("{}-{digest}", kind.name())
 }
@@ -251,15 +257,23 @@ impl Job<'_> {
             Kind::Index => {
                 let body = self.manifest_bytes(target).await?;
                 let index = images::parse_index(target, &body)?;
-                let manifests = self.choose(target, &index.manifests)?;
+                let chosen = self.choose(target, &index.manifests)?;
+                let manifests: Vec<Descriptor> =
+                    chosen.iter().map(|c| c.manifest.clone()).collect();
                 let labels = images::gc_index_labels(&index.manifests, &manifests);
                 self.store_manifest(target, Kind::Index, labels, body)
                     .await?;
                 let fetched =
-                    try_join_all(manifests.iter().map(|m| self.fetch_manifest_tree(m))).await?;
+                    try_join_all(chosen.iter().map(|c| self.fetch_manifest_tree(c))).await?;
                 Ok(fetched)
             }
-            Kind::Manifest => Ok(vec![self.fetch_manifest_tree(target).await?]),
+            Kind::Manifest => {
+                let root = Chosen {
+                    manifest: target.clone(),
+                    wanted: Vec::new(),
+                };
+                Ok(vec![self.fetch_manifest_tree(&root).await?])
+            }
             other => Err(Error::Image(images::Error::Invalid {
                 what: "image",
                 digest: target.digest.to_string(),
@@ -271,48 +285,68 @@ impl Job<'_> {
         }
     }
 
-    /// The manifests of an index this pull wants.
-    fn choose(&self, index: &Descriptor, manifests: &[Descriptor]) -> Result<Vec<Descriptor>> {
+    /// The manifests of an index this pull wants, each with the platforms
+    /// it was chosen for (none when every platform is wanted).
+    fn choose(&self, index: &Descriptor, manifests: &[Descriptor]) -> Result<Vec<Chosen>> {
         let candidates: Vec<&Descriptor> = manifests
             .iter()
             .filter(|m| !images::is_attestation(m))
             .collect();
         if self.options.all_platforms {
-            return Ok(candidates.into_iter().cloned().collect());
+            return Ok(candidates
+                .into_iter()
+                .map(|m| Chosen {
+                    manifest: m.clone(),
+                    wanted: Vec::new(),
+                })
+                .collect());
         }
         let wanted = if self.options.platforms.is_empty() {
             vec![platform::host()]
         } else {
             self.options.platforms.clone()
         };
-        let mut chosen: Vec<Descriptor> = Vec::new();
+        let mut chosen: Vec<Chosen> = Vec::new();
         for w in &wanted {
-            let best = candidates
-                .iter()
-                .filter_map(|m| Some((platform::rank(w, m.platform.as_ref()?)?, *m)))
-                .min_by_key(|(rank, _)| *rank);
-            match best {
-                Some((_, m)) if !chosen.iter().any(|c| c.digest == m.digest) => {
-                    chosen.push(m.clone())
-                }
-                Some(_) => {}
-                None => {
-                    let available: Vec<String> = candidates
-                        .iter()
-                        .filter_map(|m| m.platform.as_ref().map(images::platform_string))
-                        .collect();
-                    return Err(Error::Image(images::Error::NoMatchingPlatform {
-                        wanted: images::platform_string(w),
-                        digest: index.digest.to_string(),
-                        available: available.join(", "),
-                    }));
-                }
+            let Some(m) = platform::best_match(w, candidates.iter().copied()) else {
+                let available: Vec<String> = candidates
+                    .iter()
+                    .filter_map(|m| m.platform.as_ref().map(images::platform_string))
+                    .collect();
+                return Err(Error::Image(images::Error::NoMatchingPlatform {
+                    wanted: images::platform_string(w),
+                    digest: index.digest.to_string(),
+                    available: available.join(", "),
+                }));
+            };
+            match chosen.iter_mut().find(|c| c.manifest.digest == m.digest) {
+                Some(c) => c.wanted.push(w.clone()),
+                None => chosen.push(Chosen {
+                    manifest: m.clone(),
+                    wanted: vec![w.clone()],
+                }),
             }
         }
         Ok(chosen)
     }
 
-    async fn fetch_manifest_tree(&self, desc: &Descriptor) -> Result<PulledManifest> {
+    /// Fails unless the manifest's config is for each platform it was
+    /// chosen for: an index entry's platform (or its lack of one) is only
+    /// a claim.
+    async fn check_config(&self, chosen: &Chosen, config: &Descriptor) -> Result<()> {
+        if chosen.wanted.is_empty() {
+            return Ok(());
+        }
+        let body = read_blob(self.store, &config.digest).await?;
+        let parsed = images::parse_config(config, &body)?;
+        for w in &chosen.wanted {
+            images::check_config_platform(&chosen.manifest, config, &parsed, w)?;
+        }
+        Ok(())
+    }
+
+    async fn fetch_manifest_tree(&self, chosen: &Chosen) -> Result<PulledManifest> {
+        let desc = &chosen.manifest;
         match images::kind(desc)? {
             Kind::Manifest => {}
             other => {
@@ -346,6 +380,7 @@ impl Job<'_> {
         // are fed to their applies as they download.
         let config = &manifest.config;
         self.fetch_data_blob(config, None, false).await?;
+        self.check_config(chosen, config).await?;
         let (arrived, arrivals) = unpack::arrivals(manifest.layers.len());
         let plan = match self.snapshots {
             Some(snapshots) => Some(

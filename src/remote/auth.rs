@@ -51,6 +51,13 @@ pub enum Credentials {
     IdentityToken(Secret),
     /// A bearer token sent as it is.
     RegistryToken(Secret),
+    /// Credentials for one host (`host[:port]`) only, as a CRI
+    /// `server_address` scopes them: any other host, a mirror included, is
+    /// asked anonymously. See [`Credentials::for_host`].
+    OnlyFor {
+        host: String,
+        credentials: Box<Credentials>,
+    },
 }
 
 impl Credentials {
@@ -68,6 +75,43 @@ impl Credentials {
             username: user.to_string(),
             password: Secret::new(pass),
         })
+    }
+
+    /// Limits these credentials to the host a CRI `AuthConfig.server_address`
+    /// names, as containerd's `ParseAuth` does: its scheme, user info and
+    /// path are dropped and the rest is compared with the host contacted.
+    /// An empty address leaves them for every host. (containerd's URL
+    /// parser finds no host in an address without a scheme, so there such
+    /// credentials never apply; hoist reads it as `host[:port]`.)
+    pub fn only_for_server_address(self, server_address: &str) -> Self {
+        let address = server_address.trim();
+        if address.is_empty() || self == Credentials::Anonymous {
+            return self;
+        }
+        let rest = address.split_once("://").map_or(address, |(_, r)| r);
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        Credentials::OnlyFor {
+            host: host.to_string(),
+            credentials: Box::new(self),
+        }
+    }
+
+    /// What to present to `host` (`host[:port]`, as contacted).
+    pub fn for_host(&self, host: &str) -> Credentials {
+        match self {
+            Credentials::OnlyFor {
+                host: only,
+                credentials,
+            } => {
+                if !only.is_empty() && only.eq_ignore_ascii_case(host) {
+                    credentials.for_host(host)
+                } else {
+                    Credentials::Anonymous
+                }
+            }
+            other => other.clone(),
+        }
     }
 
     /// Reads the CLI's `USER[:PASSWORD]`.
@@ -114,9 +158,11 @@ pub struct CredentialSource {
 }
 
 impl CredentialSource {
+    /// The credentials for `host`, the host actually contacted (a mirror's
+    /// own name for a mirror). Reads a file: call it off the async runtime.
     pub fn for_host(&self, host: &str) -> Result<Credentials> {
         if let Some(c) = &self.explicit {
-            return Ok(c.clone());
+            return Ok(c.for_host(host));
         }
         match &self.docker_config {
             Some(path) => docker_config_lookup(path, host),
@@ -264,15 +310,23 @@ struct TokenResponse {
 type TokenKey = (String, String, String);
 
 fn fingerprint(scope: &str, credentials: &Credentials) -> String {
-    let who = match credentials {
-        Credentials::Anonymous => String::new(),
-        Credentials::Basic { username, password } => {
-            format!("basic\0{username}\0{}", password.expose())
+    fn who(credentials: &Credentials) -> String {
+        match credentials {
+            Credentials::Anonymous => String::new(),
+            Credentials::Basic { username, password } => {
+                format!("basic\0{username}\0{}", password.expose())
+            }
+            Credentials::IdentityToken(t) => format!("identity\0{}", t.expose()),
+            Credentials::RegistryToken(t) => format!("registry\0{}", t.expose()),
+            Credentials::OnlyFor { host, credentials } => {
+                format!("only\0{host}\0{}", who(credentials))
+            }
         }
-        Credentials::IdentityToken(t) => format!("identity\0{}", t.expose()),
-        Credentials::RegistryToken(t) => format!("registry\0{}", t.expose()),
-    };
-    format!("{scope}\0{}", crate::digest::Digest::of(who.as_bytes()))
+    }
+    format!(
+        "{scope}\0{}",
+        crate::digest::Digest::of(who(credentials).as_bytes())
+    )
 }
 
 /// Bearer tokens by (realm, service, scope), each until it expires.
@@ -338,9 +392,11 @@ impl TokenCache {
                     .send()
                     .await
             }
-            Credentials::Anonymous | Credentials::RegistryToken(_) => {
-                http.get(realm).query(&query).send().await
-            }
+            // Scoped credentials are resolved for their host before they
+            // get here; unresolved, they count as none.
+            Credentials::Anonymous
+            | Credentials::RegistryToken(_)
+            | Credentials::OnlyFor { .. } => http.get(realm).query(&query).send().await,
         }
         .map_err(unavailable)?;
         let status = response.status();
@@ -433,6 +489,68 @@ mod tests {
                 username: "a".into(),
                 password: Secret::new("b:c")
             }
+        );
+    }
+
+    #[test]
+    fn server_address_scopes_credentials_to_its_host() {
+        let basic = || Credentials::from_user_flag("u:p");
+        for address in [
+            "https://registry.example:5000",
+            "https://registry.example:5000/v1/",
+            "http://user@registry.example:5000/path?x#y",
+            "registry.example:5000",
+            "registry.example:5000/team",
+        ] {
+            let scoped = basic().only_for_server_address(address);
+            assert_eq!(
+                scoped.for_host("registry.example:5000"),
+                basic(),
+                "{address}"
+            );
+            assert_eq!(
+                scoped.for_host("REGISTRY.example:5000"),
+                basic(),
+                "{address}"
+            );
+            for other in [
+                "mirror.example:5000",
+                "registry.example",
+                "registry.example:5001",
+            ] {
+                assert_eq!(
+                    scoped.for_host(other),
+                    Credentials::Anonymous,
+                    "{address} -> {other}"
+                );
+            }
+        }
+        // No address: every host, as containerd does.
+        assert_eq!(
+            basic().only_for_server_address("").for_host("anything:1"),
+            basic()
+        );
+        // An address without a host matches none.
+        let nowhere = basic().only_for_server_address("https:///v1/");
+        assert_eq!(nowhere.for_host(""), Credentials::Anonymous);
+        assert_eq!(
+            Credentials::Anonymous.only_for_server_address("https://r.example"),
+            Credentials::Anonymous
+        );
+        // The explicit source resolves per host too.
+        let source = CredentialSource {
+            explicit: Some(basic().only_for_server_address("https://r.example")),
+            docker_config: None,
+        };
+        assert_eq!(source.for_host("r.example").unwrap(), basic());
+        assert_eq!(
+            source.for_host("m.example").unwrap(),
+            Credentials::Anonymous
+        );
+        let shown = format!("{:?}", basic().only_for_server_address("https://r.example"));
+        assert!(
+            shown.contains("r.example") && !shown.contains("\"p\""),
+            "{shown}"
         );
     }
 

@@ -102,7 +102,9 @@ impl RegistryClient {
         &self.options
     }
 
-    /// A handle on one repository, with its hosts and credentials resolved.
+    /// A handle on one repository, with its hosts resolved. `credentials`,
+    /// when given, replace the configured source; either way each host is
+    /// given only the credentials meant for it.
     pub fn repository(
         self: &Arc<Self>,
         reference: &Reference,
@@ -110,8 +112,11 @@ impl RegistryClient {
     ) -> Result<Repository> {
         let hosts = self.options.hosts.hosts_for(reference.domain())?;
         let credentials = match credentials {
-            Some(c) => c.clone(),
-            None => self.options.credentials.for_host(reference.domain())?,
+            Some(c) => CredentialSource {
+                explicit: Some(c.clone()),
+                docker_config: None,
+            },
+            None => self.options.credentials.clone(),
         };
         Ok(Repository {
             client: self.clone(),
@@ -168,7 +173,9 @@ pub struct Repository {
     registry: String,
     path: String,
     hosts: Vec<RegistryHost>,
-    credentials: Credentials,
+    /// Looked up per host contacted, so that a mirror never sees
+    /// credentials meant for another host.
+    credentials: CredentialSource,
     /// The Authorization header that worked last, per host.
     authorization: Mutex<HashMap<String, HeaderValue>>,
 }
@@ -434,7 +441,8 @@ impl Repository {
             what: format!("repository {}", self.path),
             message: message.to_string(),
         };
-        let value = match (challenge, &self.credentials) {
+        let credentials = self.credentials_for(&host.host).await?;
+        let value = match (challenge, &credentials) {
             (None, _) => return Err(denied("401 without a usable WWW-Authenticate challenge")),
             (Some(Challenge::Basic), Credentials::Basic { username, password }) => {
                 use base64::Engine;
@@ -473,6 +481,18 @@ impl Repository {
             }
         };
         HeaderValue::from_str(&value).map_err(|_| denied("the token is not a valid header value"))
+    }
+
+    /// The credentials for one host, read off the async runtime (a docker
+    /// `config.json` is a file).
+    async fn credentials_for(&self, host: &str) -> Result<Credentials> {
+        if self.credentials.explicit.is_some() || self.credentials.docker_config.is_none() {
+            return self.credentials.for_host(host);
+        }
+        let (source, host) = (self.credentials.clone(), host.to_string());
+        tokio::task::spawn_blocking(move || source.for_host(&host))
+            .await
+            .map_err(|e| Error::Credentials(format!("looking up credentials: {e}")))?
     }
 }
 

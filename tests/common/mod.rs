@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod trap;
 
 /// Ends a test that needs root (mounts, ownership, xattrs) early, saying
 /// so, when it is not run as root; CI runs these as root.
@@ -376,15 +377,7 @@ pub async fn push_index(
         "attestation-manifest".into(),
     );
     entries.push(att_desc);
-    let index =
-        json!({"schemaVersion": 2, "mediaType": hoist::images::OCI_INDEX, "manifests": entries});
-    reg.push_manifest(
-        repo,
-        tag,
-        hoist::images::OCI_INDEX,
-        index.to_string().as_bytes(),
-    )
-    .await
+    push_index_of(reg, repo, tag, &entries).await
 }
 
 pub fn host_arch() -> &'static str {
@@ -414,4 +407,35 @@ pub fn random_layer(seed: u8, size: usize) -> Vec<u8> {
         })
         .collect();
     gzip_layer(&[("data.bin", &data)])
+}
+
+/// Pushes an OCI index of exactly `entries`, as given (platforms or none).
+pub async fn push_index_of(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+    entries: &[Descriptor],
+) -> Descriptor {
+    let index =
+        json!({"schemaVersion": 2, "mediaType": hoist::images::OCI_INDEX, "manifests": entries});
+    reg.push_manifest(
+        repo,
+        tag,
+        hoist::images::OCI_INDEX,
+        index.to_string().as_bytes(),
+    )
+    .await
+}
+
+/// `desc` as an index entry for `os/arch`, or for no platform.
+pub fn for_platform(desc: &Descriptor, platform: Option<(&str, &str)>) -> Descriptor {
+    let mut d = desc.clone();
+    d.platform = platform.map(|(os, arch)| Platform {
+        architecture: arch.to_string(),
+        os: os.to_string(),
+        os_version: None,
+        os_features: Vec::new(),
+        variant: None,
+    });
+    d
 }

@@ -129,15 +129,9 @@ async fn serve(mut conn: TcpStream, ctx: Ctx) {
         only,
         bearer,
     } = ctx;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match conn.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => return,
-        }
-    }
-    let head = String::from_utf8_lossy(&head).to_string();
+    let Some(head) = read_head(&mut conn).await else {
+        return;
+    };
     let mut lines = head.lines();
     let request_line = lines.next().unwrap_or_default().to_string();
     let mut parts = request_line.split(' ');
@@ -269,4 +263,18 @@ async fn serve(mut conn: TcpStream, ctx: Ctx) {
             let _ = conn.write_all(&body).await;
         }
     }
+}
+
+/// An HTTP/1.1 request's head, read a byte at a time so that nothing of
+/// its body is consumed; None when the client goes away first.
+pub async fn read_head(conn: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).to_string())
 }
