@@ -56,6 +56,11 @@ pub fn invalid(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// An id prefix that fits several images: the caller has to give more of it.
+pub fn ambiguous(e: &crate::cri::records::Ambiguous) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +100,17 @@ mod tests {
         assert_eq!(
             pull_status(&PullError::Reference(bad)).code(),
             Code::InvalidArgument
+        );
+        let s = ambiguous(&crate::cri::records::Ambiguous {
+            prefix: "abcdef012345".into(),
+            candidates: vec!["sha256:abcdef0123450".into(), "sha256:abcdef0123451".into()],
+        });
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(
+            s.message().contains("sha256:abcdef0123450")
+                && s.message().contains("sha256:abcdef0123451"),
+            "{}",
+            s.message()
         );
     }
 }

@@ -10,7 +10,7 @@ use crate::pull::progress::Progress;
 use crate::pull::{PullOptions, Puller};
 use crate::remote::Credentials;
 use crate::snapshot::SnapshotRoot;
-use errors::{internal, invalid, pull_status};
+use errors::{ambiguous, internal, invalid, pull_status};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use k8s_cri::v1::image_service_server::ImageService;
@@ -24,6 +24,9 @@ use tonic::{Request, Response, Status};
 
 type PullFuture = Shared<BoxFuture<'static, Result<String, Status>>>;
 
+/// Pulls in flight by [`flight_key`].
+type Flights = Mutex<HashMap<String, PullFuture>>;
+
 /// A generation and the image groups read at it.
 type GroupCache = Mutex<(u64, Option<Arc<Vec<ImageGroup>>>)>;
 
@@ -34,7 +37,7 @@ pub struct Service {
     /// Normalised names of images that are never garbage: `pinned_images`.
     pinned: HashSet<String>,
     /// Identical pulls in flight share one.
-    inflight: Arc<Mutex<HashMap<String, PullFuture>>>,
+    inflight: Arc<Flights>,
     /// The image groups as last read, with a generation that every pull
     /// and removal bumps (the daemon holds its root, so only they change
     /// images): a read that raced a change is not kept.
@@ -131,7 +134,8 @@ fn credentials(auth: Option<AuthConfig>) -> Result<Option<Credentials>, Status> 
         &a.identity_token,
         &a.registry_token,
     )
-    .map_err(invalid)?;
+    .map_err(invalid)?
+    .only_for_server_address(&a.server_address);
     Ok((c != Credentials::Anonymous).then_some(c))
 }
 
@@ -153,6 +157,57 @@ fn flight_key(reference: &str, auth: &Option<AuthConfig>) -> String {
     format!("{reference}\0{secret}")
 }
 
+/// Joins the pull in flight under `key`, or starts `pull` as one. The pull
+/// runs as its own task: callers that go away do not stall it (it holds blob
+/// and chain locks), and daemon shutdown still cancels it. Its waiters get
+/// its result, or `Internal` if it panicked.
+fn join_flight<F>(
+    inflight: &Arc<Flights>,
+    cache: &Arc<GroupCache>,
+    key: String,
+    pull: impl FnOnce() -> F,
+) -> PullFuture
+where
+    F: std::future::Future<Output = Result<String, Status>> + Send + 'static,
+{
+    let mut flights = inflight.lock();
+    if let Some(flight) = flights.get(&key) {
+        return flight.clone();
+    }
+    let pull = pull();
+    let (task_inflight, task_cache, task_key) = (inflight.clone(), cache.clone(), key.clone());
+    let task = tokio::spawn(async move {
+        // Made in the task, not captured by it: a task refused at shutdown
+        // is dropped inside `spawn`, while this thread holds `inflight`.
+        let _landed = Landed {
+            inflight: task_inflight,
+            cache: task_cache,
+            key: task_key,
+        };
+        pull.await
+    });
+    let flight = async move { task.await.map_err(internal)? }
+        .boxed()
+        .shared();
+    flights.insert(key, flight.clone());
+    flight
+}
+
+/// Ends a flight however its pull ends (done, failed, panicked, cancelled):
+/// the key is freed for the next pull, and the image list is read afresh.
+struct Landed {
+    inflight: Arc<Flights>,
+    cache: Arc<GroupCache>,
+    key: String,
+}
+
+impl Drop for Landed {
+    fn drop(&mut self) {
+        self.inflight.lock().remove(&self.key);
+        invalidate(&self.cache);
+    }
+}
+
 #[tonic::async_trait]
 impl ImageService for Service {
     async fn list_images(
@@ -171,6 +226,7 @@ impl ImageService for Service {
                 groups.iter().map(|g| self.to_cri(g)).collect()
             } else {
                 find(&groups, &query)
+                    .map_err(|e| ambiguous(&e))?
                     .map(|g| vec![self.to_cri(g)])
                     .unwrap_or_default()
             };
@@ -187,7 +243,9 @@ impl ImageService for Service {
         let query = req.image.map(|s| s.image).unwrap_or_default();
         logged("ImageStatus", &query, async {
             let groups = self.groups().await?;
-            let Some(group) = find(&groups, &query).cloned() else {
+            // A missing image is an empty answer; an ambiguous id prefix is
+            // an error, since it names no one image.
+            let Some(group) = find(&groups, &query).map_err(|e| ambiguous(&e))?.cloned() else {
                 return Ok(Response::new(ImageStatusResponse::default()));
             };
             let image = self.to_cri(&group);
@@ -223,48 +281,22 @@ impl ImageService for Service {
                 .to_string();
             let key = flight_key(&reference, &req.auth);
             let credentials = credentials(req.auth)?;
-            let flight = {
-                let mut inflight = self.inflight.lock();
-                inflight
-                    .entry(key.clone())
-                    .or_insert_with(|| {
-                        let puller = self.puller.clone();
-                        let inflight = self.inflight.clone();
-                        let cache = self.cache.clone();
-                        let key = key.clone();
-                        let pull = async move {
-                            let options = PullOptions {
-                                credentials,
-                                ..Default::default()
-                            };
-                            let pulled = puller
-                                .pull(NAMESPACE_CRI, &reference, &options, &Progress::default())
-                                .await
-                                .map_err(|e| pull_status(&e));
-                            let recorded = match pulled {
-                                Ok(p) => {
-                                    let db = puller.db().clone();
-                                    tokio::task::spawn_blocking(move || records::record(&db, &p))
-                                        .await
-                                        .map_err(internal)
-                                        .and_then(|r| r.map_err(internal))
-                                }
-                                Err(e) => Err(e),
-                            };
-                            inflight.lock().remove(&key);
-                            invalidate(&cache);
-                            recorded
-                        };
-                        // The pull runs as its own task: callers that go away
-                        // do not stall it (it holds blob and chain locks), and
-                        // daemon shutdown still cancels it.
-                        let task = tokio::spawn(pull);
-                        async move { task.await.map_err(internal)? }
-                            .boxed()
-                            .shared()
-                    })
-                    .clone()
-            };
+            let puller = self.puller.clone();
+            let flight = join_flight(&self.inflight, &self.cache, key, move || async move {
+                let options = PullOptions {
+                    credentials,
+                    ..Default::default()
+                };
+                let pulled = puller
+                    .pull(NAMESPACE_CRI, &reference, &options, &Progress::default())
+                    .await
+                    .map_err(|e| pull_status(&e))?;
+                let db = puller.db().clone();
+                tokio::task::spawn_blocking(move || records::record(&db, &pulled))
+                    .await
+                    .map_err(internal)?
+                    .map_err(internal)
+            });
             let image_ref = flight.await?;
             Ok(Response::new(PullImageResponse { image_ref }))
         })
@@ -282,7 +314,7 @@ impl ImageService for Service {
             .unwrap_or_default();
         logged("RemoveImage", &query, async {
             let groups = self.groups().await?;
-            if let Some(group) = find(&groups, &query).cloned() {
+            if let Some(group) = find(&groups, &query).map_err(|e| ambiguous(&e))?.cloned() {
                 self.invalidate();
                 self.blocking(move |db| -> Result<(), Status> {
                     for name in &group.names {
@@ -332,5 +364,46 @@ impl ImageService for Service {
             }))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_panicking_pull_frees_its_key() {
+        let inflight: Arc<Flights> = Arc::default();
+        let cache: Arc<GroupCache> = Arc::default();
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let first = join_flight(&inflight, &cache, "k".into(), || async move {
+            if wait.await.is_ok() {
+                panic!("a pull that panics");
+            }
+            Ok("sha256:never".to_string())
+        });
+        // A second caller joins the same flight; its own pull never starts.
+        let second = join_flight(&inflight, &cache, "k".into(), || async {
+            Ok("sha256:second".to_string())
+        });
+        assert_eq!(inflight.lock().len(), 1);
+        let generation = cache.lock().0;
+        go.send(()).expect("the pull waits for this");
+        for waiter in [first, second] {
+            let result = tokio::time::timeout(Duration::from_secs(10), waiter)
+                .await
+                .expect("a waiter of a panicked pull must not hang");
+            assert_eq!(result.map_err(|s| s.code()), Err(tonic::Code::Internal));
+        }
+        assert!(inflight.lock().is_empty(), "the key is freed");
+        assert!(cache.lock().0 > generation, "the image list is read afresh");
+
+        // The next pull of the same key starts anew.
+        let again = join_flight(&inflight, &cache, "k".into(), || async {
+            Ok("sha256:again".to_string())
+        });
+        assert_eq!(again.await.map_err(|s| s.code()), Ok("sha256:again".into()));
+        assert!(inflight.lock().is_empty());
     }
 }

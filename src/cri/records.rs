@@ -99,25 +99,66 @@ pub fn groups(db: &std::sync::Arc<Db>) -> Result<Vec<ImageGroup>, Error> {
     Ok(by_id.into_values().collect())
 }
 
+/// The fewest hex digits a query needs to be taken as an id prefix; shorter
+/// ones are names only, so `busybox` or `cafe` never match an id by chance.
+pub const MIN_ID_PREFIX: usize = 12;
+
+/// An id prefix that more than one image id starts with.
+#[derive(Debug, thiserror::Error)]
+#[error("image id prefix {prefix} is ambiguous: it matches {}", .candidates.join(", "))]
+pub struct Ambiguous {
+    pub prefix: String,
+    pub candidates: Vec<String>,
+}
+
 /// Finds an image by id (`sha256:<hex>` or bare hex), by any tag or digest
-/// reference, or by a name without tag (meaning `:latest`).
-pub fn find<'a>(groups: &'a [ImageGroup], query: &str) -> Option<&'a ImageGroup> {
+/// reference, by a name without tag (meaning `:latest`), or else by a unique
+/// id prefix of at least [`MIN_ID_PREFIX`] hex digits, with or without
+/// `sha256:`. Names win over prefixes, as in containerd's CRI, so a repository
+/// named like hex still resolves by name.
+pub fn find<'a>(
+    groups: &'a [ImageGroup],
+    query: &str,
+) -> Result<Option<&'a ImageGroup>, Ambiguous> {
     let query = query.trim();
     if query.is_empty() {
-        return None;
+        return Ok(None);
     }
-    let as_id = if query.len() == 64 && query.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Some(format!("sha256:{query}"))
-    } else if query.starts_with("sha256:") {
-        Some(query.to_string())
-    } else {
-        None
+    let with_algorithm = query.strip_prefix("sha256:");
+    let hex = with_algorithm.unwrap_or(query);
+    let is_hex = hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if hex.len() == 64 && (is_hex || with_algorithm.is_some()) {
+        let id = format!("sha256:{hex}");
+        return Ok(groups.iter().find(|g| g.id == id));
+    }
+    if let Ok(name) = Reference::parse(query).map(|r| r.to_string())
+        && let Some(g) = groups.iter().find(|g| g.names.contains(&name))
+    {
+        return Ok(Some(g));
+    }
+    if !is_hex || !(MIN_ID_PREFIX..64).contains(&hex.len()) {
+        return Ok(None);
+    }
+    // Ids are config digests; a bare prefix matches the hex of any algorithm.
+    let mut matches = groups.iter().filter(|g| {
+        g.id.split_once(':').is_some_and(|(algorithm, id_hex)| {
+            id_hex.starts_with(hex) && (with_algorithm.is_none() || algorithm == "sha256")
+        })
+    });
+    let Some(first) = matches.next() else {
+        return Ok(None);
     };
-    if let Some(id) = as_id {
-        return groups.iter().find(|g| g.id == id);
+    let others: Vec<&ImageGroup> = matches.collect();
+    if others.is_empty() {
+        return Ok(Some(first));
     }
-    let name = Reference::parse(query).ok()?.to_string();
-    groups.iter().find(|g| g.names.contains(&name))
+    Err(Ambiguous {
+        prefix: query.to_string(),
+        candidates: std::iter::once(first)
+            .chain(others)
+            .map(|g| g.id.clone())
+            .collect(),
+    })
 }
 
 impl ImageGroup {
@@ -229,12 +270,79 @@ mod tests {
             "docker.io/library/busybox".to_string(),
             format!("busybox@sha256:{}", "b".repeat(64)),
         ] {
-            assert!(find(&groups, &q).is_some(), "{q}");
+            assert!(matches!(find(&groups, &q), Ok(Some(_))), "{q}");
         }
-        assert!(find(&groups, "busybox:other").is_none());
-        assert!(find(&groups, "").is_none());
+        assert!(matches!(find(&groups, "busybox:other"), Ok(None)));
+        assert!(matches!(find(&groups, ""), Ok(None)));
         let cri = groups[0].to_cri(false);
         assert_eq!(cri.repo_tags, ["docker.io/library/busybox:latest"]);
         assert_eq!(cri.repo_digests.len(), 1);
+    }
+
+    fn group(id_hex: &str, names: &[&str]) -> ImageGroup {
+        ImageGroup {
+            id: format!("sha256:{id_hex}"),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            labels: Labels::new(),
+            target: crate::descriptor::Descriptor::new("x", crate::digest::Digest::of(b"x"), 1),
+        }
+    }
+
+    fn found<'a>(groups: &'a [ImageGroup], query: &str) -> Option<&'a str> {
+        match find(groups, query) {
+            Ok(g) => g.map(|g| g.id.as_str()),
+            Err(e) => panic!("{query}: {e}"),
+        }
+    }
+
+    #[test]
+    fn find_by_unique_id_prefix() {
+        let a = format!("abcdef0123450{}", "0".repeat(51));
+        let b = format!("abcdef0123451{}", "1".repeat(51));
+        let groups = vec![group(&a, &[]), group(&b, &[])];
+        let (id_a, id_b) = (format!("sha256:{a}"), format!("sha256:{b}"));
+        for q in [&a[..13], &a[..40], &format!("sha256:{}", &a[..13])] {
+            assert_eq!(found(&groups, q), Some(id_a.as_str()), "{q}");
+        }
+        assert_eq!(found(&groups, &b[..13]), Some(id_b.as_str()));
+        // Fewer than twelve digits, upper case, or no match at all: not an id.
+        let lone = vec![group(&a, &[])];
+        assert_eq!(found(&lone, &a[..12]), Some(id_a.as_str()));
+        assert_eq!(found(&lone, &a[..11]), None);
+        assert_eq!(found(&lone, &format!("sha256:{}", &a[..11])), None);
+        assert_eq!(found(&lone, &a[..12].to_uppercase()), None);
+        assert_eq!(found(&lone, "ffffffffffffff"), None);
+        assert_eq!(found(&lone, &format!("sha512:{}", &a[..12])), None);
+    }
+
+    #[test]
+    fn an_ambiguous_id_prefix_names_its_candidates() {
+        let a = format!("abcdef0123450{}", "0".repeat(51));
+        let b = format!("abcdef0123451{}", "1".repeat(51));
+        let groups = vec![group(&a, &[]), group(&b, &[])];
+        for q in ["abcdef012345", "sha256:abcdef012345", "abcdef012345  "] {
+            let e = match find(&groups, q) {
+                Err(e) => e,
+                Ok(g) => panic!("{q}: {g:?}"),
+            };
+            assert_eq!(e.candidates, [format!("sha256:{a}"), format!("sha256:{b}")]);
+            let message = e.to_string();
+            assert!(message.contains(&a) && message.contains(&b), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_name_wins_over_an_id_prefix() {
+        let a = format!("abcdef0123450{}", "0".repeat(51));
+        let b = format!("abcdef0123451{}", "1".repeat(51));
+        let groups = vec![
+            group(&a, &[]),
+            group(&b, &["docker.io/library/abcdef012345:latest"]),
+        ];
+        assert_eq!(
+            found(&groups, "abcdef012345"),
+            Some(format!("sha256:{b}").as_str())
+        );
+        assert!(find(&groups, "sha256:abcdef012345").is_err());
     }
 }
