@@ -2,113 +2,20 @@
 //! subprocess with its own root and socket, and a tonic CRI client over the
 //! socket driving every RPC.
 
+#[path = "../tests/common/mod.rs"]
 mod common;
+mod daemon;
 
 use common::proxy::{Fault, Proxy};
 use common::*;
+use daemon::{Daemon, spec};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::*;
 use serde_json::json;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    root: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(root: &Path, socket: &Path, extra: &[&str]) -> Daemon {
-        let log = root.with_extension("log");
-        std::fs::write(
-            root.with_extension("toml"),
-            "max_concurrent_downloads = 3\npull_progress_timeout = \"30s\"\nlog_format = \"text\"\n",
-        )
-        .unwrap();
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_hoist"))
-            .arg("--root")
-            .arg(root)
-            .arg("serve")
-            .arg("--config")
-            .arg(root.with_extension("toml"))
-            .arg("--socket")
-            .arg(socket)
-            .arg("--hosts-dir")
-            .arg("/nonexistent")
-            .args(extra)
-            .env("HOIST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Daemon {
-            child,
-            socket: socket.to_path_buf(),
-            root: root.to_path_buf(),
-            log,
-        }
-    }
-
-    /// SIGTERM, then wait; returns the exit status code.
-    fn stop(&mut self) -> Option<i32> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        self.child.wait().ok().and_then(|s| s.code())
-    }
-
-    async fn client(&self) -> ImageServiceClient<Channel> {
-        let socket = self.socket.clone();
-        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
-        ImageServiceClient::new(channel)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spec(image: &str) -> Option<ImageSpec> {
-    Some(ImageSpec {
-        image: image.to_string(),
-        ..Default::default()
-    })
-}
 
 async fn pull(c: &mut ImageServiceClient<Channel>, image: &str) -> Result<String, tonic::Status> {
     c.pull_image(PullImageRequest {
@@ -519,4 +426,118 @@ async fn restart_keeps_images_and_a_sigtermed_pull_resumes_as_root() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = kept;
+}
+
+/// An image of one empty layer (an empty tar: 1024 zero bytes) whose config
+/// differs only by a nonce label, pushed byte for byte; returns its id.
+async fn push_nonce_image(reg: &Registry, repo: &str, tag: &str, nonce: u32) -> String {
+    let layer = reg
+        .push_blob(repo, &[0u8; 1024], hoist::images::OCI_LAYER)
+        .await;
+    let config = format!(
+        "{{\"architecture\":\"amd64\",\"os\":\"linux\",\"config\":{{\"Labels\":{{\"nonce\":\"{nonce}\"}}}},\"rootfs\":{{\"type\":\"layers\",\"diff_ids\":[\"{}\"]}}}}",
+        diff_id(&[0u8; 1024])
+    );
+    let config = reg
+        .push_blob(repo, config.as_bytes(), hoist::images::OCI_CONFIG)
+        .await;
+    let manifest = json!({
+        "schemaVersion": 2, "mediaType": hoist::images::OCI_MANIFEST,
+        "config": config, "layers": [layer],
+    });
+    reg.push_manifest(
+        repo,
+        tag,
+        hoist::images::OCI_MANIFEST,
+        manifest.to_string().as_bytes(),
+    )
+    .await;
+    config.digest.to_string()
+}
+
+#[tokio::test]
+async fn truncated_image_ids_as_root() {
+    require_root!();
+    let reg = Registry::start();
+    // These two nonces give config digests that agree in their first twelve
+    // hex digits (4209349a68a2) and differ in the thirteenth.
+    let twin_a = push_nonce_image(&reg, "cri/twins", "a", 552163).await;
+    let twin_b = push_nonce_image(&reg, "cri/twins", "b", 8033312).await;
+    assert_eq!(&twin_a[..19], "sha256:4209349a68a2", "{twin_a}");
+    assert_eq!(&twin_b[..19], "sha256:4209349a68a2", "{twin_b}");
+    assert_ne!(twin_a[..20], twin_b[..20]);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        &dir.path().join("root"),
+        &dir.path().join("hoist.sock"),
+        &[],
+    );
+    let mut c = daemon.client().await;
+    for tag in ["a", "b"] {
+        pull(&mut c, &format!("{}/cri/twins:{tag}", reg.addr))
+            .await
+            .unwrap();
+    }
+    let hex_a = twin_a.trim_start_matches("sha256:");
+    let hex_b = twin_b.trim_start_matches("sha256:");
+
+    // A unique prefix, bare or with its algorithm, is the image.
+    for q in [&hex_a[..13], &twin_a[..20], &hex_a[..40]] {
+        let image = status(&mut c, q, false).await.image;
+        assert_eq!(image.map(|i| i.id).as_deref(), Some(twin_a.as_str()), "{q}");
+    }
+    assert_eq!(
+        status(&mut c, &hex_b[..13], false)
+            .await
+            .image
+            .map(|i| i.id),
+        Some(twin_b.clone())
+    );
+    // Eleven digits are a name, and no image has it; nor any prefix.
+    assert!(status(&mut c, &hex_a[..11], false).await.image.is_none());
+    assert!(status(&mut c, "ffffffffffff", false).await.image.is_none());
+
+    // The shared twelve digits name no one image: an error naming both.
+    for q in [&hex_a[..12], &twin_a[..19]] {
+        let err = c
+            .image_status(ImageStatusRequest {
+                image: spec(q),
+                verbose: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{q}: {err:?}");
+        assert!(
+            err.message().contains(&twin_a) && err.message().contains(&twin_b),
+            "{}",
+            err.message()
+        );
+        let err = c
+            .remove_image(RemoveImageRequest { image: spec(q) })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{q}: {err:?}");
+    }
+    assert_eq!(list(&mut c, None).await.len(), 2, "nothing was removed");
+
+    // Removal by a unique prefix; then the shorter prefix is unique too.
+    c.remove_image(RemoveImageRequest {
+        image: spec(&hex_a[..13]),
+    })
+    .await
+    .unwrap();
+    assert!(status(&mut c, &twin_a, false).await.image.is_none());
+    assert_eq!(
+        status(&mut c, &hex_a[..12], false)
+            .await
+            .image
+            .map(|i| i.id),
+        Some(twin_b.clone())
+    );
+    c.remove_image(RemoveImageRequest {
+        image: spec(&twin_b[..19]),
+    })
+    .await
+    .unwrap();
+    assert!(list(&mut c, None).await.is_empty());
 }

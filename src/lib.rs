@@ -4,6 +4,7 @@
 //! (content, metadata, snapshots, remotes) lives in its own module behind a
 //! trait with a conformance suite.
 
+pub mod any_authority;
 pub mod archive;
 pub mod config;
 pub mod content;

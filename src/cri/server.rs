@@ -1,10 +1,12 @@
 //! Serving the ImageService on a unix socket.
 
 use super::Service;
+use crate::any_authority::AnyAuthority;
 use k8s_cri::v1::image_service_server::ImageServiceServer;
 use std::future::Future;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use tokio_stream::StreamExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -24,13 +26,12 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
 
-/// Binds `socket` (directory 0700, socket 0600), replacing a stale socket
-/// file from a crash but never one a live process answers on.
+/// Binds `socket` (0600), replacing a stale socket file from a crash but
+/// never one a live process answers on. Directories it has to make for the
+/// socket are 0700; one that exists keeps its mode (`/run` stays `/run`).
 pub fn bind(socket: &Path) -> Result<tokio::net::UnixListener, Error> {
     if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io(format!("chmod {}", dir.display())))?;
+        create_private_dirs(dir)?;
     }
     if std::fs::symlink_metadata(socket).is_ok() {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
@@ -46,6 +47,25 @@ pub fn bind(socket: &Path) -> Result<tokio::net::UnixListener, Error> {
     Ok(listener)
 }
 
+/// Makes `dir` and its missing ancestors, each 0700 (whatever the umask);
+/// never touches a directory that is already there.
+fn create_private_dirs(dir: &Path) -> Result<(), Error> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("chmod {}", d.display())))?,
+            // Made by someone else meanwhile: theirs, so its mode stays.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(format!("creating {}", d.display()))(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Serves until `shutdown` resolves; in-flight RPCs (and the pulls only
 /// they drive) are dropped then, leaving their ingests to be resumed.
 pub async fn serve(
@@ -54,7 +74,9 @@ pub async fn serve(
     socket: &Path,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // Any :authority, as grpc-go servers accept: see any_authority.rs.
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .map(|conn| conn.map(AnyAuthority::new));
     tracing::info!(socket = %socket.display(), "serving the CRI ImageService");
     let result = tonic::transport::Server::builder()
         .add_service(ImageServiceServer::new(service))
@@ -62,4 +84,41 @@ pub async fn serve(
         .await;
     let _ = std::fs::remove_file(socket);
     Ok(result?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    #[tokio::test]
+    async fn an_existing_socket_directory_keeps_its_mode() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let run = tmp.path().join("run");
+        std::fs::create_dir(&run).expect("mkdir");
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let socket = run.join("hoist.sock");
+        let _listener = bind(&socket).expect("bind");
+        assert_eq!(mode(&run), 0o755);
+        assert_eq!(mode(&socket), 0o600);
+    }
+
+    #[tokio::test]
+    async fn missing_socket_directories_are_made_private() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let socket = tmp.path().join("a/b/c/hoist.sock");
+        let _listener = bind(&socket).expect("bind");
+        for d in ["a", "a/b", "a/b/c"] {
+            assert_eq!(mode(&tmp.path().join(d)), 0o700, "{d}");
+        }
+        assert_eq!(mode(tmp.path()), 0o755);
+        assert_eq!(mode(&socket), 0o600);
+    }
 }

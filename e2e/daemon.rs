@@ -1,0 +1,107 @@
+//! `hoist serve` as a subprocess on its own root and socket, shared by the
+//! suites that drive the daemon through its socket.
+// Each suite uses a part of this.
+#![allow(dead_code)]
+
+use k8s_cri::v1::ImageSpec;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(root: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        let log = root.with_extension("log");
+        std::fs::write(
+            root.with_extension("toml"),
+            "max_concurrent_downloads = 3\npull_progress_timeout = \"30s\"\nlog_format = \"text\"\n",
+        )
+        .unwrap();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hoist"))
+            .arg("--root")
+            .arg(root)
+            .arg("serve")
+            .arg("--config")
+            .arg(root.with_extension("toml"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("--hosts-dir")
+            .arg("/nonexistent")
+            .args(extra)
+            .env("HOIST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Daemon {
+            child,
+            socket: socket.to_path_buf(),
+            root: root.to_path_buf(),
+            log,
+        }
+    }
+
+    /// SIGTERM, then wait; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
+    pub async fn client(&self) -> ImageServiceClient<Channel> {
+        let socket = self.socket.clone();
+        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        ImageServiceClient::new(channel)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn spec(image: &str) -> Option<ImageSpec> {
+    Some(ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    })
+}
