@@ -996,3 +996,145 @@ async fn index_entries_without_a_platform_come_last_and_configs_are_checked() {
         );
     }
 }
+
+/// A body that reads both as a manifest and as an index (CVE-2021-41190)
+/// is refused, naming its digest, whether the registry serves it or the
+/// store already holds it; nothing of it is kept and no image is recorded.
+#[tokio::test]
+async fn ambiguous_manifests_and_indexes_are_refused() {
+    use hoist::images::{OCI_INDEX, OCI_MANIFEST};
+    use serde_json::json;
+    let reg = Registry::start();
+    let repo = "ambiguous/app";
+    let img = push_image(
+        &reg,
+        repo,
+        None,
+        &[random_layer(71, 1000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    let other = push_image(
+        &reg,
+        repo,
+        None,
+        &[random_layer(72, 1000)],
+        ("linux", host_arch()),
+        false,
+    )
+    .await;
+    // The registry refuses to store such documents, so the proxy serves
+    // them in its place; everything they point at is in the registry.
+    let proxy = Proxy::start(reg.addr.clone()).await;
+    let entry = for_platform(&other.manifest, Some(("linux", host_arch())));
+    let cases = [
+        // A manifest that lists another image's manifest too.
+        (
+            "manifest-with-manifests",
+            OCI_MANIFEST,
+            json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                   "config": img.config, "layers": img.layers, "manifests": [entry]}),
+        ),
+        // An index that has another image's config and layers too.
+        (
+            "index-with-layers",
+            OCI_INDEX,
+            json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry],
+                   "config": img.config, "layers": img.layers}),
+        ),
+        // Served as an OCI manifest, declaring itself an index.
+        (
+            "declares-index",
+            OCI_MANIFEST,
+            json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                   "config": img.config, "layers": img.layers}),
+        ),
+        // Both shapes, no mediaType, and a generic Content-Type: hoist
+        // takes it for an index.
+        (
+            "undeclared",
+            "application/json",
+            json!({"schemaVersion": 2, "config": img.config, "layers": img.layers,
+                   "manifests": [entry]}),
+        ),
+    ];
+    let refused = |tag: &str, digest: &hoist::digest::Digest, err: hoist::pull::Error| {
+        assert!(
+            matches!(
+                err,
+                hoist::pull::Error::Image(hoist::images::Error::MediaTypeMismatch { .. })
+            ),
+            "{tag}: {err:?}"
+        );
+        let message = err.to_string();
+        assert!(message.contains(&digest.to_string()), "{tag}: {message}");
+    };
+    for (tag, content_type, body) in &cases {
+        let body = body.to_string();
+        let digest = hoist::digest::Digest::of(body.as_bytes());
+        for object in [tag.to_string(), digest.to_string()] {
+            proxy.serve_document(
+                &format!("/v2/{repo}/manifests/{object}"),
+                content_type,
+                &body,
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = puller(dir.path(), Duration::from_secs(10));
+        let err = pull(&p, &format!("{}/{repo}:{tag}", proxy.addr))
+            .await
+            .unwrap_err();
+        refused(tag, &digest, err);
+        assert!(
+            p.db()
+                .list_images(NS, &Filter::default())
+                .unwrap()
+                .is_empty(),
+            "{tag}: no image is recorded"
+        );
+        assert_no_trace(p.db());
+    }
+
+    // Already in the store (put there before hoist checked), it is
+    // refused as it is read back.
+    let (tag, media_type, body) = &cases[0];
+    let body = body.to_string();
+    let desc = hoist::descriptor::Descriptor::new(
+        *media_type,
+        hoist::digest::Digest::of(body.as_bytes()),
+        body.len() as u64,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), Duration::from_secs(10));
+    let store = p.db().content_store(NS);
+    hoist::content::write_blob(&store, "seed", body.as_bytes(), &desc, Default::default()).unwrap();
+    let progress = Progress::default();
+    let err = p
+        .pull(
+            NS,
+            &format!("{}/{repo}:{tag}", proxy.addr),
+            &PullOptions::default(),
+            &progress,
+        )
+        .await
+        .unwrap_err();
+    let key = format!("manifest-{}", desc.digest);
+    assert_eq!(
+        progress
+            .snapshot()
+            .into_iter()
+            .find(|e| e.key == key)
+            .map(|e| e.state),
+        Some(State::Exists),
+        "the manifest came from the store"
+    );
+    refused("stored", &desc.digest, err);
+    assert!(
+        p.db()
+            .list_images(NS, &Filter::default())
+            .unwrap()
+            .is_empty()
+    );
+    assert_no_trace(p.db());
+}

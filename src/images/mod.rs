@@ -38,6 +38,14 @@ pub enum Error {
         digest: String,
         message: String,
     },
+    /// A body that could be read as a manifest and as an index; which one
+    /// it is must not depend on who reads it.
+    #[error("{expected} {digest}: media-type: expected {expected} but {found}")]
+    MediaTypeMismatch {
+        expected: &'static str,
+        digest: String,
+        found: String,
+    },
     #[error("no manifest for platform {wanted} in index {digest} (it has: {available})")]
     NoMatchingPlatform {
         wanted: String,
@@ -169,12 +177,88 @@ fn parse<'a, T: Deserialize<'a>>(
     })
 }
 
+/// Parses a manifest body, refusing one that could also be read as an index.
 pub fn parse_manifest(desc: &Descriptor, body: &[u8]) -> Result<Manifest, Error> {
+    check_document(Kind::Manifest, desc, body)?;
     parse("manifest", desc, body)
 }
 
+/// Parses an index body, refusing one that could also be read as a manifest.
 pub fn parse_index(desc: &Descriptor, body: &[u8]) -> Result<Index, Error> {
+    check_document(Kind::Index, desc, body)?;
     parse("index", desc, body)
+}
+
+/// Whether a field is in a document at all, whatever its value (`null` and
+/// `[]` included): a reader that looks for it finds it.
+#[derive(Debug, Default)]
+struct Present(bool);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| Present(true))
+    }
+}
+
+/// The fields that tell a manifest from an index.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Shape {
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    manifests: Present,
+    #[serde(default)]
+    config: Present,
+    #[serde(default)]
+    layers: Present,
+    #[serde(default)]
+    fs_layers: Present,
+}
+
+/// Refuses a body that is not plainly of the kind `expected` (a manifest or
+/// an index), as containerd's `validateMediaType` does: a body with both
+/// shapes would be a different image to a reader that takes it as the other
+/// kind. A declared `mediaType` must be of the expected kind (Docker or OCI
+/// spelling alike), a manifest must not carry `manifests`, and an index must
+/// not carry `config` or `layers`.
+fn check_document(expected: Kind, desc: &Descriptor, body: &[u8]) -> Result<(), Error> {
+    let what = expected.name();
+    let mismatch = |found: String| Error::MediaTypeMismatch {
+        expected: what,
+        digest: desc.digest.to_string(),
+        found,
+    };
+    let same_kind = |mt: &str| match expected {
+        Kind::Manifest => mt == OCI_MANIFEST || mt == DOCKER_MANIFEST,
+        _ => mt == OCI_INDEX || mt == DOCKER_LIST,
+    };
+    if !same_kind(&desc.media_type) {
+        return Err(mismatch(format!(
+            "its descriptor says {:?}",
+            desc.media_type
+        )));
+    }
+    let shape: Shape = parse(what, desc, body)?;
+    if shape.fs_layers.0 {
+        return Err(mismatch(
+            "its body carries `fsLayers` (Docker schema 1, not supported)".to_string(),
+        ));
+    }
+    // An empty string is how an absent mediaType serialises in Go.
+    if let Some(mt) = shape.media_type.filter(|mt| !mt.is_empty())
+        && !same_kind(&mt)
+    {
+        return Err(mismatch(format!("its body declares mediaType {mt:?}")));
+    }
+    let foreign: &[(&str, bool)] = match expected {
+        Kind::Manifest => &[("manifests", shape.manifests.0)],
+        _ => &[("config", shape.config.0), ("layers", shape.layers.0)],
+    };
+    match foreign.iter().find(|(_, present)| *present) {
+        Some((field, _)) => Err(mismatch(format!("its body carries `{field}`"))),
+        None => Ok(()),
+    }
 }
 
 /// Attestation manifests (buildkit's provenance) sit in indexes as `unknown/unknown`.
@@ -367,6 +451,130 @@ mod tests {
             sniff_media_type(br#"{"manifests":[]}"#).as_deref(),
             Some(OCI_INDEX)
         );
+    }
+
+    /// A manifest body: config and one layer, plus `extra` fields.
+    fn manifest_body(extra: &str) -> String {
+        let d = Digest::of(b"c");
+        format!(
+            r#"{{"schemaVersion":2,{extra}"config":{{"mediaType":"{OCI_CONFIG}","digest":"{d}","size":1}},"layers":[{{"mediaType":"{OCI_LAYER_GZIP}","digest":"{d}","size":1}}]}}"#
+        )
+    }
+
+    /// An index body: one manifest, plus `extra` fields.
+    fn index_body(extra: &str) -> String {
+        let d = Digest::of(b"m");
+        format!(
+            r#"{{"schemaVersion":2,{extra}"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":1}}]}}"#
+        )
+    }
+
+    /// Asserts that `result` is a media-type mismatch naming `desc` and `part`.
+    fn refused<T: std::fmt::Debug>(result: Result<T, Error>, desc: &Descriptor, part: &str) {
+        let err = result.unwrap_err();
+        assert!(matches!(err, Error::MediaTypeMismatch { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(&desc.digest.to_string()), "{text}");
+        assert!(text.contains(part), "{part} missing from {text}");
+    }
+
+    #[test]
+    fn a_manifest_must_not_carry_manifests() {
+        let desc = Descriptor::new(OCI_MANIFEST, Digest::of(b"ambiguous"), 1);
+        for list in [
+            format!(
+                r#"[{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":1}}]"#,
+                Digest::of(b"x")
+            ),
+            "[]".to_string(),
+            "null".to_string(),
+        ] {
+            let body = manifest_body(&format!(r#""manifests":{list},"#));
+            refused(parse_manifest(&desc, body.as_bytes()), &desc, "`manifests`");
+        }
+        let plain = parse_manifest(&desc, manifest_body("").as_bytes()).unwrap();
+        assert_eq!(plain.layers.len(), 1);
+    }
+
+    #[test]
+    fn an_index_must_not_carry_config_or_layers() {
+        let desc = Descriptor::new(OCI_INDEX, Digest::of(b"ambiguous"), 1);
+        let d = Digest::of(b"c");
+        let config = format!(r#""config":{{"mediaType":"{OCI_CONFIG}","digest":"{d}","size":1}},"#);
+        refused(
+            parse_index(&desc, index_body(&config).as_bytes()),
+            &desc,
+            "`config`",
+        );
+        for layers in ["\"layers\":[],", "\"layers\":null,"] {
+            refused(
+                parse_index(&desc, index_body(layers).as_bytes()),
+                &desc,
+                "`layers`",
+            );
+        }
+        assert_eq!(
+            parse_index(&desc, index_body("").as_bytes())
+                .unwrap()
+                .manifests
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_declared_media_type_must_be_of_the_kind_fetched() {
+        let manifest = |mt: &str| Descriptor::new(mt, Digest::of(b"m"), 1);
+        let index = |mt: &str| Descriptor::new(mt, Digest::of(b"i"), 1);
+        let declared = |mt: &str| format!(r#""mediaType":"{mt}","#);
+        for body_mt in [OCI_INDEX, DOCKER_LIST, OCI_CONFIG, "application/x-other"] {
+            let desc = manifest(OCI_MANIFEST);
+            let body = manifest_body(&declared(body_mt));
+            refused(parse_manifest(&desc, body.as_bytes()), &desc, body_mt);
+        }
+        for body_mt in [OCI_MANIFEST, DOCKER_MANIFEST, "application/x-other"] {
+            let desc = index(OCI_INDEX);
+            let body = index_body(&declared(body_mt));
+            refused(parse_index(&desc, body.as_bytes()), &desc, body_mt);
+        }
+        // Docker and OCI spell each kind differently; within a kind either
+        // will do, and so does no mediaType (or Go's empty one) at all.
+        for (desc_mt, body) in [
+            (DOCKER_MANIFEST, manifest_body(&declared(OCI_MANIFEST))),
+            (OCI_MANIFEST, manifest_body(&declared(DOCKER_MANIFEST))),
+            (OCI_MANIFEST, manifest_body(&declared(""))),
+            (DOCKER_MANIFEST, manifest_body("")),
+        ] {
+            parse_manifest(&manifest(desc_mt), body.as_bytes()).unwrap();
+        }
+        for (desc_mt, body) in [
+            (DOCKER_LIST, index_body(&declared(OCI_INDEX))),
+            (OCI_INDEX, index_body(&declared(DOCKER_LIST))),
+            (OCI_INDEX, index_body("")),
+        ] {
+            parse_index(&index(desc_mt), body.as_bytes()).unwrap();
+        }
+        // Read as the other kind than its descriptor says, a body is refused
+        // whatever it holds.
+        let desc = index(OCI_INDEX);
+        refused(
+            parse_manifest(&desc, manifest_body("").as_bytes()),
+            &desc,
+            OCI_INDEX,
+        );
+        let desc = manifest(DOCKER_MANIFEST);
+        refused(
+            parse_index(&desc, index_body("").as_bytes()),
+            &desc,
+            DOCKER_MANIFEST,
+        );
+    }
+
+    #[test]
+    fn schema1_fields_are_refused_in_a_manifest() {
+        let desc = Descriptor::new(DOCKER_MANIFEST, Digest::of(b"s1"), 1);
+        let body = manifest_body(r#""fsLayers":[],"#);
+        refused(parse_manifest(&desc, body.as_bytes()), &desc, "`fsLayers`");
     }
 
     #[test]

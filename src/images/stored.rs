@@ -89,3 +89,59 @@ pub fn platform_image(
         config,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::content::local::LocalStore;
+    use crate::images::{OCI_CONFIG, OCI_INDEX, OCI_MANIFEST};
+
+    fn put(store: &LocalStore, media_type: &str, body: &[u8]) -> Descriptor {
+        let desc = Descriptor::new(media_type, Digest::of(body), body.len() as u64);
+        crate::content::write_blob(store, "test", body, &desc, Default::default()).unwrap();
+        desc
+    }
+
+    /// A manifest already in the store is checked again when it is read
+    /// back: one that also lists manifests is refused, naming it.
+    #[test]
+    fn a_stored_ambiguous_manifest_is_refused_on_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().join("content")).unwrap();
+        let config = put(
+            &store,
+            OCI_CONFIG,
+            br#"{"os":"linux","architecture":"amd64","rootfs":{"type":"layers","diff_ids":[]}}"#,
+        );
+        let plain = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [],
+        });
+        let plain = put(&store, OCI_MANIFEST, plain.to_string().as_bytes());
+        let image = platform_image(&store, &plain, None).unwrap();
+        assert_eq!(image.manifest.config.digest, config.digest);
+
+        let ambiguous = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": [],
+            "manifests": [plain],
+        });
+        let ambiguous = put(&store, OCI_MANIFEST, ambiguous.to_string().as_bytes());
+        let err = platform_image(&store, &ambiguous, None).unwrap_err();
+        assert!(
+            matches!(err, Error::Image(ImageError::MediaTypeMismatch { .. })),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&ambiguous.digest.to_string()),
+            "{err}"
+        );
+
+        // An index that also carries layers, read back as the image's target.
+        let index = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [plain], "layers": [],
+        });
+        let index = put(&store, OCI_INDEX, index.to_string().as_bytes());
+        let err = platform_image(&store, &index, None).unwrap_err();
+        assert!(err.to_string().contains(&index.digest.to_string()), "{err}");
+        assert!(err.to_string().contains("`layers`"), "{err}");
+    }
+}

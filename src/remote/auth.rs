@@ -329,7 +329,13 @@ fn fingerprint(scope: &str, credentials: &Credentials) -> String {
     )
 }
 
-/// Bearer tokens by (realm, service, scope), each until it expires.
+/// The most tokens the cache holds. There is one per scope (repository)
+/// and credentials: unbounded, a long-lived daemon would keep one for every
+/// repository it ever pulled.
+pub const MAX_TOKENS: usize = 1024;
+
+/// Bearer tokens by (realm, service, scope), each until it expires, at most
+/// [`MAX_TOKENS`] of them.
 #[derive(Default)]
 pub struct TokenCache {
     tokens: Mutex<HashMap<TokenKey, (Secret, Instant)>>,
@@ -431,15 +437,39 @@ impl TokenCache {
         // a lifetime longer than a day.
         let ttl = Duration::from_secs(body.expires_in.unwrap_or(60).clamp(10, 86_400) - 5);
         let secret = Secret::new(token);
-        self.tokens.lock().insert(
+        self.insert(
             (
                 realm.to_string(),
                 service.to_string(),
                 fingerprint(scope, credentials),
             ),
-            (secret.clone(), Instant::now() + ttl),
+            secret.clone(),
+            Instant::now() + ttl,
         );
         Ok(secret)
+    }
+
+    /// Caches a token until `until`, first dropping the expired ones and,
+    /// when the cache is still full, the one that expires soonest.
+    fn insert(&self, key: TokenKey, token: Secret, until: Instant) {
+        let now = Instant::now();
+        let mut tokens = self.tokens.lock();
+        tokens.retain(|_, (_, expires)| *expires > now);
+        if tokens.len() >= MAX_TOKENS && !tokens.contains_key(&key) {
+            let soonest = tokens
+                .iter()
+                .min_by_key(|(_, (_, expires))| *expires)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = soonest {
+                tokens.remove(&k);
+            }
+        }
+        tokens.insert(key, (token, until));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.tokens.lock().len()
     }
 }
 
@@ -586,6 +616,57 @@ mod tests {
         std::fs::write(&path, "{not json").unwrap();
         let err = docker_config_lookup(&path, "quay.io").unwrap_err();
         assert!(err.to_string().contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn the_token_cache_drops_expired_tokens_and_stays_bounded() {
+        let cache = TokenCache::default();
+        let anonymous = Credentials::Anonymous;
+        let key = |scope: &str| {
+            (
+                "https://auth.example/token".to_string(),
+                "registry".to_string(),
+                fingerprint(scope, &anonymous),
+            )
+        };
+        let now = Instant::now();
+        let hour = Duration::from_secs(3600);
+
+        // Tokens that have expired since they were cached go at the next insert.
+        for i in 0..10 {
+            let old = (Secret::new("old"), now);
+            cache.tokens.lock().insert(key(&format!("old/{i}")), old);
+        }
+        assert_eq!(cache.len(), 10);
+        cache.insert(key("fresh"), Secret::new("fresh"), now + hour);
+        assert_eq!(cache.len(), 1, "the expired tokens are swept");
+        let get =
+            |scope: &str| cache.get("https://auth.example/token", "registry", scope, &anonymous);
+        assert_eq!(get("fresh"), Some(Secret::new("fresh")));
+
+        // Full of live tokens, it makes room by dropping the one that
+        // expires soonest, never the one being added.
+        cache.insert(
+            key("soonest"),
+            Secret::new("s"),
+            now + Duration::from_secs(60),
+        );
+        for i in 2..MAX_TOKENS {
+            let until = now + hour + Duration::from_secs(i as u64);
+            cache.insert(key(&format!("repo/{i}")), Secret::new("t"), until);
+        }
+        assert_eq!(cache.len(), MAX_TOKENS);
+        cache.insert(key("newest"), Secret::new("n"), now + hour * 2);
+        assert_eq!(cache.len(), MAX_TOKENS);
+        assert_eq!(get("soonest"), None);
+        assert_eq!(get("newest"), Some(Secret::new("n")));
+        assert_eq!(get("fresh"), Some(Secret::new("fresh")));
+
+        // Renewing a cached scope when full evicts nothing else.
+        cache.insert(key("fresh"), Secret::new("renewed"), now + hour * 3);
+        assert_eq!(cache.len(), MAX_TOKENS);
+        assert_eq!(get("fresh"), Some(Secret::new("renewed")));
+        assert_eq!(get("repo/2"), Some(Secret::new("t")));
     }
 
     #[test]

@@ -12,8 +12,11 @@ use parking_lot::Mutex;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, RANGE, RETRY_AFTER};
 use reqwest::{Method, Response, StatusCode};
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::OnceCell;
 
 /// Manifests are small; anything larger is refused rather than buffered.
 pub const MAX_MANIFEST_SIZE: u64 = 8 << 20;
@@ -86,7 +89,39 @@ impl Default for RemoteOptions {
 pub struct RegistryClient {
     options: RemoteOptions,
     tokens: TokenCache,
-    http: Mutex<HashMap<String, reqwest::Client>>,
+    /// By TLS setting (skip_verify and the certificate paths).
+    http: Mutex<HashMap<String, CachedHttp>>,
+}
+
+/// An HTTP client and the certificate files it was built from, as they
+/// were when they were read.
+struct CachedHttp {
+    files: Vec<FileStamp>,
+    client: reqwest::Client,
+}
+
+/// What tells that a file has changed: replaced (device, inode), written
+/// (size, modification and change times).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let m = std::fs::metadata(path)?;
+        Ok(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 impl RegistryClient {
@@ -110,7 +145,8 @@ impl RegistryClient {
         reference: &Reference,
         credentials: Option<&Credentials>,
     ) -> Result<Repository> {
-        let hosts = self.options.hosts.hosts_for(reference.domain())?;
+        // The hosts themselves are read on first use, off the async runtime.
+        HostsConfig::check_registry(reference.domain())?;
         let credentials = match credentials {
             Some(c) => CredentialSource {
                 explicit: Some(c.clone()),
@@ -122,16 +158,35 @@ impl RegistryClient {
             client: self.clone(),
             registry: reference.domain().to_string(),
             path: reference.path().to_string(),
-            hosts,
+            hosts: OnceCell::new(),
             credentials,
             authorization: Mutex::new(HashMap::new()),
         })
     }
 
+    /// The HTTP client for `host`'s TLS settings: the cached one while its
+    /// certificate files are unchanged, else one built from them anew.
+    /// Reads files: call it off the async runtime.
     fn http_for(&self, host: &RegistryHost) -> Result<reqwest::Client> {
         let key = format!("{}|{:?}|{:?}", host.skip_verify, host.ca, host.client);
-        if let Some(c) = self.http.lock().get(&key) {
-            return Ok(c.clone());
+        let mut paths: Vec<(&Path, &str)> = host.ca.iter().map(|p| (p.as_path(), "CA ")).collect();
+        if let Some((cert, cert_key)) = host.client.first() {
+            paths.push((cert, ""));
+            paths.extend(cert_key.as_deref().map(|k| (k, "")));
+        }
+        // Stamped before they are read: a file changed in between is read
+        // again next time.
+        let files = paths
+            .iter()
+            .map(|(path, what)| {
+                FileStamp::of(path)
+                    .map_err(|e| Error::Tls(format!("reading {what}{}: {e}", path.display())))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(c) = self.http.lock().get(&key)
+            && c.files == files
+        {
+            return Ok(c.client.clone());
         }
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(30))
@@ -162,9 +217,37 @@ impl RegistryClient {
         let client = builder
             .build()
             .map_err(|e| Error::Tls(format!("building the HTTP client: {e}")))?;
-        self.http.lock().insert(key, client.clone());
+        let cached = CachedHttp {
+            files,
+            client: client.clone(),
+        };
+        self.http.lock().insert(key, cached);
         Ok(client)
     }
+}
+
+/// Runs file reads (hosts.toml, certificates) on a blocking thread.
+async fn off_runtime<T: Send + 'static>(
+    registry: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Only a runtime shutting down cancels a blocking task.
+            Err(e) => Err(Error::Unavailable {
+                registry: registry.to_string(),
+                message: format!("reading the host configuration: {e}"),
+            }),
+        },
+    }
+}
+
+/// One host of a repository, and its HTTP client once it is contacted.
+struct Host {
+    config: RegistryHost,
+    http: OnceCell<reqwest::Client>,
 }
 
 /// One repository at one registry, tried through its hosts in order.
@@ -172,7 +255,8 @@ pub struct Repository {
     client: Arc<RegistryClient>,
     registry: String,
     path: String,
-    hosts: Vec<RegistryHost>,
+    /// From hosts.toml, read at the first request.
+    hosts: OnceCell<Vec<Host>>,
     /// Looked up per host contacted, so that a mirror never sees
     /// credentials meant for another host.
     credentials: CredentialSource,
@@ -199,6 +283,38 @@ impl Repository {
         &self.client.options
     }
 
+    /// The hosts with `capability`, in the order to try them.
+    async fn hosts(&self, capability: fn(&RegistryHost) -> bool) -> Result<Vec<&Host>> {
+        let hosts = self
+            .hosts
+            .get_or_try_init(|| {
+                let (config, registry) = (self.client.options.hosts.clone(), self.registry.clone());
+                off_runtime(&self.registry, move || {
+                    let hosts = config.hosts_for(&registry)?;
+                    Ok(hosts
+                        .into_iter()
+                        .map(|config| Host {
+                            config,
+                            http: OnceCell::new(),
+                        })
+                        .collect())
+                })
+            })
+            .await?;
+        Ok(hosts.iter().filter(|h| capability(&h.config)).collect())
+    }
+
+    /// The HTTP client for `host`, built (or found unchanged) off the runtime.
+    async fn http(&self, host: &Host) -> Result<reqwest::Client> {
+        host.http
+            .get_or_try_init(|| {
+                let (client, config) = (self.client.clone(), host.config.clone());
+                off_runtime(&self.registry, move || client.http_for(&config))
+            })
+            .await
+            .cloned()
+    }
+
     /// Resolves a tag or digest to the root descriptor of the image.
     pub async fn resolve(&self, reference: &Reference) -> Result<Descriptor> {
         let object = reference
@@ -210,11 +326,7 @@ impl Repository {
             what: &format!("manifest {reference}"),
             suffix: format!("/manifests/{object}"),
         };
-        let hosts: Vec<&RegistryHost> = self
-            .hosts
-            .iter()
-            .filter(|h| h.capabilities.resolve)
-            .collect();
+        let hosts = self.hosts(|h| h.capabilities.resolve).await?;
         let response = self
             .first_answer(&hosts, Method::GET, &target, &[(ACCEPT, MANIFEST_ACCEPT)])
             .await?;
@@ -269,7 +381,7 @@ impl Repository {
             what: &what,
             suffix: format!("/manifests/{}", desc.digest),
         };
-        let hosts: Vec<&RegistryHost> = self.hosts.iter().filter(|h| h.capabilities.pull).collect();
+        let hosts = self.hosts(|h| h.capabilities.pull).await?;
         let accept = desc.media_type.clone();
         let response = self
             .first_answer(&hosts, Method::GET, &target, &[(ACCEPT, &accept)])
@@ -298,7 +410,7 @@ impl Repository {
             } else {
                 Vec::new()
             };
-        let hosts: Vec<&RegistryHost> = self.hosts.iter().filter(|h| h.capabilities.pull).collect();
+        let hosts = self.hosts(|h| h.capabilities.pull).await?;
         self.first_answer(&hosts, Method::GET, &target, &headers)
             .await
     }
@@ -306,7 +418,7 @@ impl Repository {
     /// Tries each host in order; a 404 or an unreachable host moves on to the next.
     async fn first_answer(
         &self,
-        hosts: &[&RegistryHost],
+        hosts: &[&Host],
         method: Method,
         target: &Target<'_>,
         headers: &[(reqwest::header::HeaderName, &str)],
@@ -318,7 +430,7 @@ impl Repository {
                 // Like containerd, any failure of a mirror moves on to the
                 // next host; the last host's error is the one reported.
                 Err(e) => {
-                    tracing::debug!(host = %host.host, error = %e, "trying the next host");
+                    tracing::debug!(host = %host.config.host, error = %e, "trying the next host");
                     last = Some(e);
                 }
             }
@@ -332,12 +444,13 @@ impl Repository {
     /// One request to one host, with auth and retries.
     async fn send(
         &self,
-        host: &RegistryHost,
+        host: &Host,
         method: Method,
         target: &Target<'_>,
         headers: &[(reqwest::header::HeaderName, &str)],
     ) -> Result<Response> {
-        let http = self.client.http_for(host)?;
+        let http = self.http(host).await?;
+        let host = &host.config;
         let mut url = format!("{}/{}{}", host.base_url(), self.path, target.suffix);
         if let Some(q) = host.namespace_query(&self.registry) {
             url = format!("{url}?{q}");
@@ -614,7 +727,157 @@ pub fn verify(registry: &str, desc: &Descriptor, body: &[u8]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::describe_error_body;
+    use super::*;
+    use crate::remote::hosts::{Capabilities, Scheme};
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A self-signed CA certificate (P-256), only ever parsed.
+    const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBhjCCAS2gAwIBAgIUKvdSGSvMbCw79vtJCo8aZQ0LJjYwCgYIKoZIzj0EAwIw
+GDEWMBQGA1UEAwwNaG9pc3QtdGVzdC1jYTAgFw0yNjEyMDIwNTE2MjZaGA8yMTI2
+MTEwODA1MTYyNlowGDEWMBQGA1UEAwwNaG9pc3QtdGVzdC1jYTBZMBMGByqGSM49
+AgEGCCqGSM49AwEHA0IABAyK75GMIUKGS5n9CpILoX6XzagE7UCf3PQLE4A/vcSf
+0OdWFMGRyQxo95IbD4qA/vsbtihw1oQnkYLNXCAFAOujUzBRMB0GA1UdDgQWBBTC
+oSoxP+5X00FCAretSn++R0/wXTAfBgNVHSMEGDAWgBTCoSoxP+5X00FCAretSn++
+R0/wXTAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0cAMEQCIF0cKP6aCcpG
+qG+wrsZhPTYEAC4hFMHE0/6GBBMp5/JcAiAFuRcemaCtX/nwgIx0FrQeawQsNEH3
+VioRZxO8RaO7mA==
+-----END CERTIFICATE-----
+";
+
+    /// Well-formed PEM around bytes that are no certificate.
+    const BROKEN_PEM: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+
+    fn host_with_ca(ca: PathBuf) -> RegistryHost {
+        RegistryHost {
+            scheme: Scheme::Https,
+            host: "127.0.0.1:1".to_string(),
+            path: "/v2".to_string(),
+            capabilities: Capabilities::ALL,
+            skip_verify: false,
+            ca: vec![ca],
+            client: Vec::new(),
+            headers: Vec::new(),
+            is_mirror: false,
+        }
+    }
+
+    /// The HTTP client for a host is kept while its certificate files stay
+    /// as they were, and built again from them once they change.
+    #[test]
+    fn a_changed_ca_file_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let host = host_with_ca(ca.clone());
+        let client = RegistryClient::new(RemoteOptions::default());
+
+        std::fs::write(&ca, CA_PEM).unwrap();
+        client.http_for(&host).unwrap();
+        client.http_for(&host).unwrap();
+
+        std::fs::write(&ca, BROKEN_PEM).unwrap();
+        let err = client.http_for(&host).unwrap_err();
+        assert!(matches!(err, Error::Tls(_)), "{err:?}");
+
+        // Replaced (a new inode, as an atomic rename makes it) with a good
+        // one again; the entry for these settings is replaced, not added.
+        let new = dir.path().join("ca.pem.new");
+        std::fs::write(&new, CA_PEM).unwrap();
+        std::fs::rename(&new, &ca).unwrap();
+        client.http_for(&host).unwrap();
+        assert_eq!(client.http.lock().len(), 1);
+
+        std::fs::remove_file(&ca).unwrap();
+        let err = client.http_for(&host).unwrap_err().to_string();
+        assert!(err.contains("ca.pem"), "{err}");
+    }
+
+    /// Runs a resolve against `127.0.0.1:1` with `config_dir` as the hosts
+    /// directory on a current-thread runtime, while `fifo`, a file the
+    /// resolve must read, has no writer. Says whether a timer on that same
+    /// thread fired before the FIFO was given `contents`: it cannot if the
+    /// read blocks the runtime's only thread.
+    fn timer_fires_while_reading(config_dir: &Path, fifo: &Path, contents: &'static str) -> bool {
+        nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let written = Arc::new(AtomicBool::new(false));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let writer = {
+            let (fifo, written) = (fifo.to_path_buf(), written.clone());
+            std::thread::spawn(move || {
+                // Released by the test, or in the end regardless: a runtime
+                // stuck in the read cannot release it.
+                let _ = released.recv_timeout(Duration::from_secs(5));
+                written.store(true, Ordering::SeqCst);
+                // Without blocking: give up if nobody ever opens the FIFO.
+                for _ in 0..500 {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let opened = std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(&fifo);
+                    if let Ok(mut f) = opened {
+                        std::io::Write::write_all(&mut f, contents.as_bytes()).unwrap();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let free = runtime.block_on(async {
+            let client = RegistryClient::new(RemoteOptions {
+                hosts: HostsConfig::new(Some(config_dir.to_path_buf()), false),
+                attempts: 1,
+                progress_timeout: Duration::from_secs(5),
+                ..Default::default()
+            });
+            let reference = Reference::parse("127.0.0.1:1/fifo/test:1").unwrap();
+            let repo = client.repository(&reference, None).unwrap();
+            let resolving = tokio::spawn(async move { repo.resolve(&reference).await });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let free = !written.load(Ordering::SeqCst);
+            // The writer is gone already if it gave up waiting.
+            let _ = release.send(());
+            // Nothing listens on port 1: the resolve fails, but it ends.
+            let outcome = tokio::time::timeout(Duration::from_secs(10), resolving).await;
+            assert!(matches!(outcome, Ok(Ok(Err(_)))), "{outcome:?}");
+            free
+        });
+        writer.join().unwrap();
+        free
+    }
+
+    #[test]
+    fn hosts_toml_is_read_off_the_async_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let host_dir = dir.path().join("127.0.0.1:1");
+        std::fs::create_dir(&host_dir).unwrap();
+        let fifo = host_dir.join("hosts.toml");
+        assert!(
+            timer_fires_while_reading(dir.path(), &fifo, "server = \"http://127.0.0.1:1\"\n"),
+            "the runtime waited for hosts.toml"
+        );
+    }
+
+    #[test]
+    fn ca_files_are_read_off_the_async_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let host_dir = dir.path().join("127.0.0.1:1");
+        std::fs::create_dir(&host_dir).unwrap();
+        std::fs::write(
+            host_dir.join("hosts.toml"),
+            "server = \"https://127.0.0.1:1\"\nca = \"ca.pem\"\n",
+        )
+        .unwrap();
+        assert!(
+            timer_fires_while_reading(dir.path(), &host_dir.join("ca.pem"), CA_PEM),
+            "the runtime waited for the CA file"
+        );
+    }
 
     #[test]
     fn registry_error_bodies_are_described() {

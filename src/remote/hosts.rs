@@ -167,14 +167,21 @@ impl HostsConfig {
         Self { dir, plain_http }
     }
 
-    /// Hosts to try for `registry` (`host[:port]` as written in the image
-    /// reference, `docker.io` for Docker Hub): configured mirrors in file
-    /// order, then the upstream server. Never empty.
-    pub fn hosts_for(&self, registry: &str) -> Result<Vec<RegistryHost>, HostsError> {
+    /// Checks that `registry` is a usable `host[:port]`, without reading
+    /// anything.
+    pub fn check_registry(registry: &str) -> Result<(), HostsError> {
         validate_authority(registry).map_err(|reason| HostsError::InvalidRegistry {
             registry: registry.to_string(),
             reason,
-        })?;
+        })
+    }
+
+    /// Hosts to try for `registry` (`host[:port]` as written in the image
+    /// reference, `docker.io` for Docker Hub): configured mirrors in file
+    /// order, then the upstream server. Never empty. Reads the configuration
+    /// directory: call it off the async runtime.
+    pub fn hosts_for(&self, registry: &str) -> Result<Vec<RegistryHost>, HostsError> {
+        Self::check_registry(registry)?;
 
         let file = match &self.dir {
             Some(root) => match find_host_dir(root, registry)? {

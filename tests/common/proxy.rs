@@ -39,7 +39,11 @@ pub struct Proxy {
     /// When set, the proxy is a bearer-token registry front: `/token` hands
     /// out a token for these basic credentials, everything else needs it.
     bearer: Arc<Mutex<Option<(String, String)>>>,
+    canned: Canned,
 }
+
+/// Documents served in the registry's place: (path, content type, body).
+type Canned = Arc<Mutex<Vec<(String, String, String)>>>;
 
 pub const TOKEN: &str = "t0k3n-for-tests";
 
@@ -51,7 +55,9 @@ impl Proxy {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let only: Arc<Mutex<Option<String>>> = Arc::default();
         let bearer: Arc<Mutex<Option<(String, String)>>> = Arc::default();
+        let canned: Canned = Arc::default();
         let (f, s, o, b) = (faults.clone(), seen.clone(), only.clone(), bearer.clone());
+        let c = canned.clone();
         let me = addr.clone();
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
@@ -62,6 +68,7 @@ impl Proxy {
                     seen: s.clone(),
                     only: o.clone(),
                     bearer: b.clone(),
+                    canned: c.clone(),
                 };
                 tokio::spawn(serve(conn, ctx));
             }
@@ -72,7 +79,17 @@ impl Proxy {
             seen,
             only,
             bearer,
+            canned,
         }
+    }
+
+    /// Answers GETs of `path` (the query aside) with `body` as
+    /// `content_type`, and its digest as `Docker-Content-Digest`, instead
+    /// of asking the registry: for documents the registry refuses to store.
+    pub fn serve_document(&self, path: &str, content_type: &str, body: &str) {
+        self.canned
+            .lock()
+            .push((path.to_string(), content_type.to_string(), body.to_string()));
     }
 
     pub fn require_bearer(&self, user: &str, password: &str) {
@@ -110,6 +127,7 @@ struct Ctx {
     seen: Arc<Mutex<Vec<Seen>>>,
     only: Arc<Mutex<Option<String>>>,
     bearer: Arc<Mutex<Option<(String, String)>>>,
+    canned: Canned,
 }
 
 async fn reply(conn: &mut TcpStream, status: &str, extra: &str, body: &str) {
@@ -128,6 +146,7 @@ async fn serve(mut conn: TcpStream, ctx: Ctx) {
         seen,
         only,
         bearer,
+        canned,
     } = ctx;
     let Some(head) = read_head(&mut conn).await else {
         return;
@@ -191,6 +210,18 @@ async fn serve(mut conn: TcpStream, ctx: Ctx) {
             return;
         }
         headers.retain(|(k, _)| k != "authorization");
+    }
+    let document = canned
+        .lock()
+        .iter()
+        .find(|(p, _, _)| path.split('?').next() == Some(p.as_str()))
+        .map(|(_, mt, body)| (mt.clone(), body.clone()));
+    if let Some((content_type, body)) = document {
+        let digest = hoist::digest::Digest::of(body.as_bytes());
+        let headers =
+            format!("Content-Type: {content_type}\r\nDocker-Content-Digest: {digest}\r\n");
+        reply(&mut conn, "200 OK", &headers, &body).await;
+        return;
     }
     let is_blob = path.contains("/blobs/")
         && only
