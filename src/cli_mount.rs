@@ -14,6 +14,21 @@ fn view_key(dir: &Path) -> String {
     format!("hoist-mount {}", dir.display())
 }
 
+/// What `hoist mount` asks of a view's mounts: unless `allow_suid_dev`,
+/// an image's setuid bits and device nodes do nothing through it.
+fn view_mounts(
+    mut mounts: Vec<hoist::mount::Mount>,
+    allow_suid_dev: bool,
+) -> Vec<hoist::mount::Mount> {
+    if !allow_suid_dev {
+        for m in &mut mounts {
+            m.options
+                .extend(["nosuid".to_string(), "nodev".to_string()]);
+        }
+    }
+    mounts
+}
+
 pub fn mount(
     db: &Arc<Db>,
     namespace: &str,
@@ -21,6 +36,7 @@ pub fn mount(
     platform: Option<&str>,
     reference: &str,
     dir: &Path,
+    allow_suid_dev: bool,
 ) -> Result<()> {
     let name = hoist::reference::Reference::parse(reference)?.to_string();
     let image = db
@@ -55,7 +71,10 @@ pub fn mount(
         humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     )]
     .into();
-    let mounts = snapshots.view(&key, Some(&top.to_string()), labels)?;
+    let mounts = view_mounts(
+        snapshots.view(&key, Some(&top.to_string()), labels)?,
+        allow_suid_dev,
+    );
     if let Err(e) = hoist::mount::mount_all(&mounts, &dir) {
         let _ = snapshots.remove(&key);
         return Err(e.into());
@@ -109,4 +128,26 @@ pub fn list_snapshots(db: &Arc<Db>, namespace: &str, snapshotter: Option<&str>) 
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::view_mounts;
+    use hoist::mount::Mount;
+
+    #[test]
+    fn views_are_nosuid_nodev_unless_asked() {
+        let m = || {
+            vec![Mount {
+                fstype: "overlay".into(),
+                source: "overlay".into(),
+                options: vec!["ro".into(), "lowerdir=/a:/b".into()],
+            }]
+        };
+        let opts = |v: Vec<Mount>| v[0].options.clone();
+        let hardened = opts(view_mounts(m(), false));
+        assert!(hardened.iter().any(|o| o == "nosuid"), "{hardened:?}");
+        assert!(hardened.iter().any(|o| o == "nodev"), "{hardened:?}");
+        assert_eq!(opts(view_mounts(m(), true)), opts(m()));
+    }
 }

@@ -94,11 +94,15 @@ enum Command {
     },
     /// Remove images by name, then collect garbage
     Rmi { references: Vec<String> },
-    /// Mount a read-only view of an image's root filesystem at DIR
+    /// Mount a read-only view of an image's root filesystem at DIR (nosuid,nodev)
     Mount {
         /// overlayfs or native [default: the one the image was unpacked with]
         #[arg(long)]
         snapshotter: Option<String>,
+        /// Mount without nosuid,nodev, so the image's setuid and setgid bits
+        /// and device nodes work through the view (for anyone who can reach DIR)
+        #[arg(long)]
+        allow_suid_dev: bool,
         /// Platform of a multi-platform image [default: this machine's]
         #[arg(long)]
         platform: Option<String>,
@@ -205,8 +209,13 @@ fn error_chain(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> Result<()> {
     validate_namespace(&cli.namespace)?;
     let root = cli.root.clone().unwrap_or_else(default_root);
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let _lock = hoist::root::RootLock::shared(&root)?;
+    // Collecting garbage takes the root from every other process: another
+    // command's blob between its rename and its row, or its snapshot
+    // directory before its record, would look like garbage.
+    let _lock = match cli.command {
+        Command::Rmi { .. } | Command::Gc => hoist::root::RootLock::collector(&root)?,
+        _ => hoist::root::RootLock::shared(&root)?,
+    };
     let db = Db::open(&root).with_context(|| format!("opening hoist root {}", root.display()))?;
     match cli.command {
         // Dispatched to cli_serve by main before a root is opened.
@@ -280,6 +289,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Mount {
             snapshotter,
+            allow_suid_dev,
             platform,
             reference,
             dir,
@@ -290,6 +300,7 @@ fn run(cli: Cli) -> Result<()> {
             platform.as_deref(),
             &reference,
             &dir,
+            allow_suid_dev,
         )?,
         Command::Unmount { dir } => cli_mount::unmount(&db, &cli.namespace, &dir)?,
         Command::Snapshots {

@@ -96,8 +96,11 @@ pub fn mount(m: &Mount, target: &Path) -> Result<()> {
         (!data.is_empty()).then_some(data.as_str()),
     )
     .map_err(err)?;
-    // A bind mount ignores MS_RDONLY until it is remounted.
-    if flags.contains(MsFlags::MS_BIND) && flags.contains(MsFlags::MS_RDONLY) {
+    // A bind mount ignores MS_RDONLY, MS_NOSUID, MS_NODEV and MS_NOEXEC
+    // until it is remounted.
+    let per_mount =
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if flags.contains(MsFlags::MS_BIND) && flags.intersects(per_mount) {
         nix::mount::mount(
             None::<&str>,
             target,
@@ -285,6 +288,48 @@ mod tests {
         let (flags, data) = parse_options(&["ro".into(), "rbind".into(), "lowerdir=/a:/b".into()]);
         assert!(flags.contains(MsFlags::MS_RDONLY | MsFlags::MS_BIND | MsFlags::MS_REC));
         assert_eq!(data, ["lowerdir=/a:/b"]);
+    }
+
+    /// The per-mount options of the mount on `target`, from mountinfo.
+    fn mount_options(target: &Path) -> Option<Vec<String>> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let target = target.display().to_string();
+        info.lines()
+            .rfind(|l| l.split(' ').nth(4) == Some(target.as_str()))
+            .and_then(|l| l.split(' ').nth(5))
+            .map(|o| o.split(',').map(str::to_string).collect())
+    }
+
+    #[test]
+    fn bind_mounts_get_nosuid_and_nodev_as_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        std::fs::create_dir(&src).unwrap();
+        std::fs::create_dir(&dst).unwrap();
+        for (options, readonly) in [
+            (["rw", "nosuid", "nodev"], false),
+            (["ro", "nosuid", "nodev"], true),
+        ] {
+            let mut opts: Vec<String> = vec!["rbind".into()];
+            opts.extend(options.iter().map(|o| o.to_string()));
+            let m = Mount {
+                fstype: "bind".into(),
+                source: src.display().to_string(),
+                options: opts,
+            };
+            mount(&m, &dst).unwrap();
+            let got = mount_options(&dst);
+            unmount_all(&dst).unwrap();
+            let got = got.unwrap_or_default();
+            for want in ["nosuid", "nodev"] {
+                assert!(got.iter().any(|o| o == want), "{want} missing: {got:?}");
+            }
+            assert_eq!(got.iter().any(|o| o == "ro"), readonly, "{got:?}");
+        }
     }
 
     #[test]

@@ -570,3 +570,47 @@ async fn concurrent_pulls_sharing_a_base_commit_it_once_as_root() {
     // The shared three, then two of each image's own; all committed.
     assert_eq!(snaps.lines().count(), 1 + base.len() + 4, "{snaps}");
 }
+
+/// The per-mount options of the mount on `target`, from mountinfo.
+fn mount_options(target: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let target = target.display().to_string();
+    info.lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(target.as_str()))
+        .and_then(|l| l.split(' ').nth(5))
+        .map(|o| o.split(',').map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// `hoist mount` shows an image nosuid,nodev, so its setuid binaries and
+/// device nodes give nobody anything, unless asked with --allow-suid-dev.
+#[tokio::test]
+async fn hoist_mount_is_nosuid_nodev_unless_asked_as_root() {
+    require_root!();
+    let reg = Registry::start();
+    let layers = layers();
+    let diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
+    push_layers(&reg, "unpack/suid", "1", &layers, &diffs).await;
+    let r = format!("{}/unpack/suid:1", reg.addr);
+    for snapshotter in ["overlayfs", "native"] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let pull = ["pull", "--hosts-dir", "/nonexistent", "--snapshotter"];
+        ok(&root, &[&pull[..], &[snapshotter, &r]].concat());
+        let mnt = dir.path().join("mnt");
+        let mnt_s = mnt.to_str().unwrap();
+        for (extra, hardened) in [(&[][..], true), (&["--allow-suid-dev"][..], false)] {
+            ok(&root, &[&["mount"][..], extra, &[&r, mnt_s]].concat());
+            let options = mount_options(&mnt.canonicalize().unwrap());
+            ok(&root, &["unmount", mnt_s]);
+            for flag in ["nosuid", "nodev"] {
+                assert_eq!(
+                    options.iter().any(|o| o == flag),
+                    hardened,
+                    "{snapshotter} {extra:?}: {options:?}"
+                );
+            }
+            assert!(options.iter().any(|o| o == "ro"), "{options:?}");
+        }
+    }
+}

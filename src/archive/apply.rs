@@ -98,11 +98,18 @@ impl Applier {
     pub fn adopt_lower_metadata(&mut self, dirs: &[RelPath]) -> Result<(), ArchiveError> {
         let mut dirs = dirs.to_vec();
         dirs.sort_by_key(|p| p.iter().filter(|&&b| b == b'/').count());
+        // Below a directory no lower has, none has anything: a chain of
+        // implicit directories costs one search of the lowers.
+        let mut missing: HashSet<RelPath> = HashSet::new();
         for path in dirs {
             let display = show(&path);
             let Some((parent, name)) = split_last(&path) else {
                 continue;
             };
+            if missing.contains(parent) {
+                missing.insert(path);
+                continue;
+            }
             let Some(dir) = self
                 .tree
                 .resolve(parent, Walk::Lookup, &mut Vec::new(), &display)?
@@ -124,7 +131,10 @@ impl Applier {
                     .filter(|l| is_dir(&l.stat)),
                 None => None,
             };
-            let Some(l) = lower else { continue };
+            let Some(l) = lower else {
+                missing.insert(path);
+                continue;
+            };
             let (meta_x, times) = whiteout::lower_meta(&l, &display)?;
             let meta = Meta {
                 uid: l.stat.st_uid,
@@ -147,6 +157,7 @@ impl Applier {
         self.entries += 1;
         let display = e.display();
         let path = safe::clean(&e.name)?;
+        safe::check_len(&path, &display)?;
         let Some((parent, base)) = split_last(&path) else {
             // containerd ignores entries that name the root itself.
             let entry = display.as_str();
@@ -158,6 +169,8 @@ impl Applier {
         }
         let dir = self.resolve_dir(parent, &display)?;
         let here = safe::join(&dir.path, base);
+        // Through a symlink the real path may be longer than the name.
+        safe::check_len(&here, &display)?;
         self.mark_written(&here);
         match e.kind {
             Kind::Dir => self.dir(&dir, base, &here, e, &display),
@@ -213,8 +226,14 @@ impl Applier {
             overlay: self.overlay.is_some(),
         };
         let dir = self.tree.resolve(path, walk, &mut created, display)?;
+        // No lower has a child of a directory none of them has: a chain of
+        // new directories costs one search of the lowers, not one a level.
+        let mut missing: Option<&[u8]> = None;
         for c in &created {
-            self.init_created_dir(c, display)?;
+            let below_missing =
+                missing.is_some_and(|m| split_last(&c.path).is_some_and(|(p, _)| p == m));
+            let found = self.init_created_dir(c, below_missing, display)?;
+            missing = (!found).then_some(c.path.as_slice());
         }
         dir.ok_or_else(|| {
             io_err(
@@ -226,10 +245,26 @@ impl Applier {
     }
 
     /// Metadata for a directory the layer needs but does not list: copied
-    /// from the first overlay lower that has it, else 0755 root.
-    fn init_created_dir(&mut self, c: &Created, display: &str) -> Result<(), ArchiveError> {
+    /// from the first overlay lower that has it, else 0755 root. Returns
+    /// whether a lower had it.
+    fn init_created_dir(
+        &mut self,
+        c: &Created,
+        below_missing: bool,
+        display: &str,
+    ) -> Result<bool, ArchiveError> {
+        let Some((parent_path, name)) = split_last(&c.path) else {
+            return Ok(false); // the root is never created
+        };
+        let parent = self.tree.open_real(parent_path, display)?.ok_or_else(|| {
+            io_err(
+                "reopening a created directory's parent",
+                display,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )
+        })?;
         let lower = match &self.overlay {
-            Some(o) if !c.over_whiteout => o
+            Some(o) if !c.over_whiteout && !below_missing => o
                 .lowers
                 .find(self.tree.root_fd(), &c.path, false)
                 .map_err(|err| io_err("looking up lower directory", display, err))?
@@ -237,11 +272,12 @@ impl Applier {
                 .filter(|l| is_dir(&l.stat)),
             _ => None,
         };
+        let found = lower.is_some();
         match lower {
             Some(l) => {
                 let (meta_x, times) = whiteout::lower_meta(&l, display)?;
                 self.set_meta(
-                    At::Name(c.parent.as_fd(), &c.name),
+                    At::Name(parent.as_fd(), name),
                     &Meta {
                         uid: l.stat.st_uid,
                         gid: l.stat.st_gid,
@@ -261,16 +297,16 @@ impl Applier {
                     xattrs: &[],
                     times: None,
                 };
-                self.set_meta(At::Name(c.parent.as_fd(), &c.name), &meta, display)?;
+                self.set_meta(At::Name(parent.as_fd(), name), &meta, display)?;
                 if !c.over_whiteout {
                     self.implicit.insert(c.path.clone());
                 }
             }
         }
         if c.over_whiteout {
-            self.set_opaque(c.parent.as_fd(), Some(&c.name), display)?;
+            self.set_opaque(parent.as_fd(), Some(name), display)?;
         }
-        Ok(())
+        Ok(found)
     }
 
     pub(super) fn mark_written(&mut self, path: &[u8]) {
@@ -447,6 +483,11 @@ impl Applier {
             reason: reason.to_string(),
         };
         let target = safe::clean(&e.link).map_err(|_| link_err("target climbs above the root"))?;
+        if target.len() > safe::MAX_PATH {
+            return Err(link_err(
+                "target path is longer than a path inside an image may be",
+            ));
+        }
         let Some((tparent, tname)) = split_last(&target) else {
             return Err(link_err("target is the root directory"));
         };

@@ -105,6 +105,25 @@ pub fn adopt_lower_metadata(
     applier.adopt_lower_metadata(&dirs)
 }
 
+/// Removes the tree at `path` (nothing if it is missing) without following
+/// symlinks, recursing, or holding more than one directory fd open: a
+/// snapshot may hold a tree deeper than a thread's stack or the fd limit.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(name) = path.file_name() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} names no directory entry to remove", path.display()),
+        ));
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = safe::open_root(parent)?;
+    safe::remove_all_at(std::os::fd::AsFd::as_fd(&dir), name.as_bytes()).map(drop)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ArchiveError {
@@ -118,6 +137,10 @@ pub enum ArchiveError {
     Malformed { path: String, reason: String },
     #[error("truncated layer at tar entry {path:?}: {reason}")]
     Truncated { path: String, reason: String },
+    /// A well-formed entry beyond what hoist applies (path length, xattr
+    /// count or size): refused without reading the rest of the layer.
+    #[error("tar entry {path:?} refused: {reason}")]
+    Refused { path: String, reason: String },
     #[error("tar entry {path:?} escapes the root: {reason}")]
     Breakout { path: String, reason: String },
     #[error("tar entry {path:?} has unsupported type {typeflag:?}")]

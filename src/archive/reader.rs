@@ -7,6 +7,7 @@
 //! without exposing the extension-block map, it does not know the PAX sparse
 //! formats, and a short data section just reads as EOF.
 
+use std::collections::BTreeMap;
 use std::io::{self, BufRead};
 
 use tar::Header;
@@ -15,9 +16,19 @@ use super::compression::stream_error;
 use super::{ArchiveError, Compression};
 
 const BLOCK: u64 = 512;
-/// Bound on PAX records, GNU long names and sparse maps held in memory
-/// (Go's archive/tar uses the same limit).
+/// Bound on one PAX header, GNU long name or sparse map held in memory
+/// (Go's archive/tar `maxSpecialFileSize`). An entry's PAX records come
+/// from one header, so this also bounds the values of its xattrs together.
 const MAX_META: u64 = 1 << 20;
+/// Linux's XATTR_LIST_MAX: one file's xattr names, each with its NUL.
+/// More could never be set, so an entry that asks for more is refused.
+const MAX_XATTR_NAMES: usize = 65536;
+/// Linux's XATTR_SIZE_MAX: one xattr value.
+const MAX_XATTR_VALUE: usize = 65536;
+/// Linux's XATTR_NAME_MAX: one xattr name.
+const MAX_XATTR_NAME: usize = 255;
+/// Names longer than this (PATH_MAX) are cut short in errors and logs.
+const MAX_SHOWN: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -69,11 +80,25 @@ pub(super) struct Entry {
 
 impl Entry {
     pub fn display(&self) -> String {
-        String::from_utf8_lossy(&self.name).into_owned()
+        show_name(&self.name)
     }
 }
 
-/// PAX records gathered for the next entry.
+/// A tar name for errors and logs; a hostile one may be a megabyte long.
+pub(super) fn show_name(name: &[u8]) -> String {
+    if name.len() <= MAX_SHOWN {
+        return String::from_utf8_lossy(name).into_owned();
+    }
+    format!(
+        "{}... ({} bytes)",
+        String::from_utf8_lossy(&name[..256]),
+        name.len()
+    )
+}
+
+/// The records of one PAX `x` header. A later `x` header replaces an
+/// earlier one's records rather than adding to them, as in Go's
+/// archive/tar, so what an entry carries is bounded by one header.
 #[derive(Default)]
 struct Pax {
     path: Option<Vec<u8>>,
@@ -83,7 +108,13 @@ struct Pax {
     gid: Option<u64>,
     mtime: Option<Time>,
     atime: Option<Time>,
-    xattrs: Xattrs,
+    /// A map, so a repeated name costs a lookup, not a scan.
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Bytes of the xattr names list (names and NULs) Linux would keep.
+    xattr_names: usize,
+    /// Why these xattrs cannot be set; reported against the entry they
+    /// describe, whose name may come after them.
+    xattr_refusal: Option<String>,
     sparse_major: Option<Vec<u8>>,
     sparse_minor: Option<Vec<u8>>,
     sparse_name: Option<Vec<u8>>,
@@ -92,7 +123,44 @@ struct Pax {
     sparse_realsize: Option<u64>,
     /// Format 0.0 repeats `GNU.sparse.offset`/`numbytes` records in order.
     sparse_pairs: Vec<u64>,
-    any: bool,
+}
+
+impl Pax {
+    fn add_xattr(&mut self, name: &[u8], value: &[u8]) {
+        if self.xattr_refusal.is_some() {
+            return;
+        }
+        let refusal = if name.len() > MAX_XATTR_NAME {
+            Some(format!(
+                "xattr name of {} bytes is longer than Linux's limit of {MAX_XATTR_NAME}",
+                name.len()
+            ))
+        } else if value.len() > MAX_XATTR_VALUE {
+            Some(format!(
+                "xattr {} has a value of {} bytes, more than Linux's limit of {MAX_XATTR_VALUE}",
+                String::from_utf8_lossy(name),
+                value.len()
+            ))
+        } else if !self.xattrs.contains_key(name)
+            && self.xattr_names + name.len() + 1 > MAX_XATTR_NAMES
+        {
+            Some(format!(
+                "xattr names take more than the {MAX_XATTR_NAMES} bytes Linux keeps for one file \
+                 ({} names so far)",
+                self.xattrs.len()
+            ))
+        } else {
+            None
+        };
+        if refusal.is_some() {
+            self.xattr_refusal = refusal;
+            self.xattrs = BTreeMap::new();
+            return;
+        }
+        if self.xattrs.insert(name.to_vec(), value.to_vec()).is_none() {
+            self.xattr_names += name.len() + 1;
+        }
+    }
 }
 
 pub(super) struct TarReader<R> {
@@ -124,41 +192,69 @@ impl<R: BufRead> TarReader<R> {
     /// Reads the next entry's headers; `None` at the end of the archive.
     pub fn next_entry(&mut self) -> Result<Option<Entry>, ArchiveError> {
         self.skip_rest()?;
-        let mut pax = Pax::default();
+        let mut pax: Option<Pax> = None;
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
         loop {
             let mut block = [0u8; BLOCK as usize];
-            let pending = pax.any || long_name.is_some() || long_link.is_some();
-            if !self.read_block(&mut block)? || block.iter().all(|&b| b == 0) {
+            let pending = pax.is_some() || long_name.is_some() || long_link.is_some();
+            let read = self.read_block(&mut block)?;
+            if !read || is_zero(&block) {
                 if pending {
                     return Err(self.truncated("extended header is not followed by an entry"));
+                }
+                if read {
+                    self.end_of_archive()?;
                 }
                 return Ok(None);
             }
             let mut header = Header::new_old();
             header.as_mut_bytes().copy_from_slice(&block);
-            let name = String::from_utf8_lossy(&header.path_bytes()).into_owned();
+            let name = show_name(&header.path_bytes());
             check_sum(&block).map_err(|reason| malformed(&name, reason))?;
             let size = field(&block, 124..136, "size").map_err(|r| malformed(&name, r))?;
             self.current = name;
             match block[156] {
                 b'x' => {
                     let data = self.read_meta(size, "PAX header")?;
-                    parse_pax(&data, &mut pax).map_err(|r| self.malformed(r))?;
-                    pax.any = true;
+                    pax = Some(parse_pax(&data).map_err(|r| self.malformed(r))?);
                 }
-                // Global PAX headers are ignored, as containerd does.
-                b'g' => self.skip(size)?,
+                b'g' => {
+                    // Go's archive/tar hands a global header to its caller as
+                    // an entry of its own (which containerd ignores), so the
+                    // extended headers before it describe nothing.
+                    let data = self.read_meta(size, "PAX global header")?;
+                    pax_records(&data, |_, _| Ok(())).map_err(|r| self.malformed(r))?;
+                    (pax, long_name, long_link) = (None, None, None);
+                }
                 b'L' => long_name = Some(trim_nul(self.read_meta(size, "GNU long name")?)),
                 b'K' => long_link = Some(trim_nul(self.read_meta(size, "GNU long link")?)),
                 typeflag => {
                     return self
-                        .finish_entry(&header, typeflag, size, pax, long_name, long_link)
+                        .finish_entry(
+                            &header,
+                            typeflag,
+                            size,
+                            pax.unwrap_or_default(),
+                            long_name,
+                            long_link,
+                        )
                         .map(Some);
                 }
             }
         }
+    }
+
+    /// After a zero block: a second one (or the end of the stream) ends the
+    /// archive, as in Go's archive/tar; a header there is an error rather
+    /// than entries that hoist would skip and a scanner might read.
+    fn end_of_archive(&mut self) -> Result<(), ArchiveError> {
+        let mut block = [0u8; BLOCK as usize];
+        if self.read_block(&mut block)? && !is_zero(&block) {
+            self.current = show_name(&Header::from_byte_slice(&block).path_bytes());
+            return Err(self.malformed("a zero block is followed by a non-zero block"));
+        }
+        Ok(())
     }
 
     fn finish_entry(
@@ -170,19 +266,16 @@ impl<R: BufRead> TarReader<R> {
         long_name: Option<Vec<u8>>,
         long_link: Option<Vec<u8>>,
     ) -> Result<Entry, ArchiveError> {
-        let mut name = pax
-            .path
-            .clone()
-            .or(long_name)
+        // Which name wins is Go's archive/tar's order (GNU long names over
+        // PAX paths, an empty value meaning none), so that hoist writes the
+        // files a scanner reading the layer with it sees.
+        let given = |v: &Option<Vec<u8>>| v.clone().filter(|v| !v.is_empty());
+        let mut name = given(&long_name)
+            .or_else(|| given(&pax.path))
             .unwrap_or_else(|| header.path_bytes().into_owned());
-        if let Some(n) = &pax.sparse_name {
-            name = n.clone();
-        }
-        self.current = String::from_utf8_lossy(&name).into_owned();
-        let link = pax
-            .linkpath
-            .clone()
-            .or(long_link)
+        self.current = show_name(&name);
+        let link = given(&long_link)
+            .or_else(|| given(&pax.linkpath))
             .or_else(|| header.link_name_bytes().map(|l| l.into_owned()))
             .unwrap_or_default();
         let kind = match typeflag {
@@ -202,6 +295,22 @@ impl<R: BufRead> TarReader<R> {
                 });
             }
         };
+        // Only a file read as PAX sparse takes its real name from the map's
+        // records.
+        if kind == Kind::File
+            && typeflag != b'S'
+            && pax_sparse_format(&pax).is_some()
+            && let Some(n) = given(&pax.sparse_name)
+        {
+            name = n;
+            self.current = show_name(&name);
+        }
+        if let Some(reason) = pax.xattr_refusal {
+            return Err(ArchiveError::Refused {
+                path: self.current.clone(),
+                reason,
+            });
+        }
         let block = header.as_bytes();
         let num = |range, what: &str| field(block, range, what).map_err(|r| self.malformed(r));
         let id = |pax: Option<u64>, range, what: &str| {
@@ -274,7 +383,7 @@ impl<R: BufRead> TarReader<R> {
             atime,
             major,
             minor,
-            xattrs: pax.xattrs,
+            xattrs: pax.xattrs.into_iter().collect(),
             size: file_size,
             sparse,
         })
@@ -327,17 +436,14 @@ impl<R: BufRead> TarReader<R> {
     /// the way Go's archive/tar does, and unknown versions are read as
     /// plain files like it does.
     fn pax_sparse_map(&mut self, pax: &Pax) -> Result<Option<(Vec<Segment>, u64)>, ArchiveError> {
-        let format: Vec<u8> = match (&pax.sparse_major, &pax.sparse_minor) {
-            (Some(ma), Some(mi)) => [ma.as_slice(), b".", mi.as_slice()].concat(),
-            _ if pax.sparse_name.is_some() && pax.sparse_map.is_some() => b"0.1".to_vec(),
-            _ if pax.sparse_size.is_some() => b"0.0".to_vec(),
-            _ => return Ok(None),
+        let Some(format) = pax_sparse_format(pax) else {
+            return Ok(None);
         };
         let real = match pax.sparse_size.or(pax.sparse_realsize) {
             Some(r) => r,
             None => return Err(self.malformed("sparse file without GNU.sparse size")),
         };
-        let numbers: Vec<u64> = match format.as_slice() {
+        let numbers: Vec<u64> = match format {
             b"0.0" | b"0.1" => {
                 if let Some(m) = &pax.sparse_map {
                     let mut v = Vec::new();
@@ -351,8 +457,7 @@ impl<R: BufRead> TarReader<R> {
                     pax.sparse_pairs.clone()
                 }
             }
-            b"1.0" => self.sparse_map_1_0()?,
-            _ => return Ok(None),
+            _ => self.sparse_map_1_0()?,
         };
         if !numbers.len().is_multiple_of(2) {
             return Err(self.malformed("sparse map has an odd number of values"));
@@ -384,13 +489,17 @@ impl<R: BufRead> TarReader<R> {
     }
 
     fn map_number(&mut self, text: &mut Vec<u8>, pos: &mut usize) -> Result<u64, ArchiveError> {
+        // Where the search for the newline resumes: each byte is looked at once.
+        let mut scanned = *pos;
         loop {
-            if let Some(nl) = text[*pos..].iter().position(|&b| b == b'\n') {
-                let n = parse_decimal(&text[*pos..*pos + nl])
+            if let Some(nl) = text[scanned..].iter().position(|&b| b == b'\n') {
+                let end = scanned + nl;
+                let n = parse_decimal(&text[*pos..end])
                     .ok_or_else(|| self.malformed("bad number in sparse map"))?;
-                *pos += nl + 1;
+                *pos = end + 1;
                 return Ok(n);
             }
+            scanned = text.len();
             if text.len() as u64 >= MAX_META {
                 return Err(self.malformed("sparse map is too large"));
             }
@@ -473,12 +582,6 @@ impl<R: BufRead> TarReader<R> {
             .ok_or_else(|| self.malformed(format!("size {size} is too large")))
     }
 
-    fn skip(&mut self, size: u64) -> Result<(), ArchiveError> {
-        self.remaining = size;
-        self.padding = self.padding_for(size)?;
-        self.skip_rest()
-    }
-
     /// Discards up to `n` bytes; returns how many there were.
     fn discard(&mut self, mut n: u64) -> Result<u64, ArchiveError> {
         let start = n;
@@ -556,6 +659,22 @@ fn malformed(path: &str, reason: impl Into<String>) -> ArchiveError {
     }
 }
 
+/// The PAX sparse format (0.0, 0.1 or 1.0) an entry's records give;
+/// `None` for a plain file, unknown versions included.
+fn pax_sparse_format(pax: &Pax) -> Option<&'static [u8]> {
+    match (&pax.sparse_major, &pax.sparse_minor) {
+        (Some(ma), Some(mi)) => match (ma.as_slice(), mi.as_slice()) {
+            (b"0", b"0") => Some(b"0.0"),
+            (b"0", b"1") => Some(b"0.1"),
+            (b"1", b"0") => Some(b"1.0"),
+            _ => None,
+        },
+        _ if pax.sparse_name.is_some() && pax.sparse_map.is_some() => Some(b"0.1"),
+        _ if pax.sparse_size.is_some() => Some(b"0.0"),
+        _ => None,
+    }
+}
+
 /// Header checksum: the byte sum with the checksum field read as spaces.
 /// Some old writers summed signed bytes; both are accepted, as Go does.
 fn check_sum(block: &[u8; BLOCK as usize]) -> Result<(), String> {
@@ -584,6 +703,10 @@ fn field(block: &[u8], range: std::ops::Range<usize>, what: &str) -> Result<u64,
         return Ok(0);
     }
     parse_numeric(f).ok_or_else(|| format!("bad {what} field {:?}", String::from_utf8_lossy(f)))
+}
+
+fn is_zero(block: &[u8; BLOCK as usize]) -> bool {
+    block.iter().all(|&b| b == 0)
 }
 
 fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
@@ -668,13 +791,23 @@ fn parse_pax_time(s: &[u8]) -> Option<Time> {
     })
 }
 
-/// Parses PAX records (`"<len> <key>=<value>\n"`) by their length prefix,
+/// Parses one `x` header's PAX records.
+fn parse_pax(data: &[u8]) -> Result<Pax, String> {
+    let mut pax = Pax::default();
+    pax_records(data, |key, value| pax_record(key, value, &mut pax))?;
+    Ok(pax)
+}
+
+/// Walks PAX records (`"<len> <key>=<value>\n"`) by their length prefix,
 /// so values may hold any byte, newlines included.
-fn parse_pax(data: &[u8], pax: &mut Pax) -> Result<(), String> {
+fn pax_records(
+    data: &[u8],
+    mut record: impl FnMut(&[u8], &[u8]) -> Result<(), String>,
+) -> Result<(), String> {
     let mut rest = data;
     while !rest.is_empty() {
         // Some writers pad the record block with NULs.
-        if rest.iter().all(|&b| b == 0) {
+        if rest[0] == 0 && rest.iter().all(|&b| b == 0) {
             break;
         }
         let sp = rest
@@ -686,21 +819,21 @@ fn parse_pax(data: &[u8], pax: &mut Pax) -> Result<(), String> {
         if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
             return Err("bad PAX record length".into());
         }
-        let record = &rest[sp + 1..len - 1];
-        let eq = record
+        let body = &rest[sp + 1..len - 1];
+        let eq = body
             .iter()
             .position(|&b| b == b'=')
             .ok_or("PAX record without '='")?;
-        pax_record(&record[..eq], &record[eq + 1..], pax)?;
+        record(&body[..eq], &body[eq + 1..])?;
         rest = &rest[len..];
     }
     Ok(())
 }
 
 fn pax_record(key: &[u8], value: &[u8], pax: &mut Pax) -> Result<(), String> {
-    let key_str = String::from_utf8_lossy(key);
-    let num = || parse_decimal(value).ok_or_else(|| format!("bad PAX {key_str} value"));
-    let time = || parse_pax_time(value).ok_or_else(|| format!("bad PAX {key_str} value"));
+    let bad = || format!("bad PAX {} value", String::from_utf8_lossy(key));
+    let num = || parse_decimal(value).ok_or_else(bad);
+    let time = || parse_pax_time(value).ok_or_else(bad);
     match key {
         b"path" => pax.path = Some(value.to_vec()),
         b"linkpath" => pax.linkpath = Some(value.to_vec()),
@@ -726,8 +859,7 @@ fn pax_record(key: &[u8], value: &[u8], pax: &mut Pax) -> Result<(), String> {
                 if name.is_empty() || name.contains(&0) {
                     return Err("bad xattr name in PAX header".into());
                 }
-                pax.xattrs.retain(|(n, _)| n.as_slice() != name);
-                pax.xattrs.push((name.to_vec(), value.to_vec()));
+                pax.add_xattr(name, value);
             }
         }
     }
@@ -737,6 +869,49 @@ fn pax_record(key: &[u8], value: &[u8], pax: &mut Pax) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One PAX record, its length prefix counting itself.
+    fn record(key: &[u8], value: &[u8]) -> Vec<u8> {
+        let body = [key, b"=", value, b"\n"].concat();
+        let mut len = body.len() + 2;
+        while format!("{len} ").len() + body.len() != len {
+            len += 1;
+        }
+        [format!("{len} ").as_bytes(), &body].concat()
+    }
+
+    /// 15-byte names: 4096 of them with their NULs fill XATTR_LIST_MAX.
+    fn names(n: usize) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| record(format!("SCHILY.xattr.user.{i:010}").as_bytes(), b"v"))
+            .collect()
+    }
+
+    #[test]
+    fn xattrs_are_capped_at_what_linux_keeps() {
+        let full = parse_pax(&names(4096)).unwrap();
+        assert_eq!((full.xattrs.len(), full.xattr_names), (4096, 65536));
+        assert_eq!(full.xattr_refusal, None);
+        // A repeated name replaces its value and takes no more room.
+        let again = [names(4096), record(b"SCHILY.xattr.user.0000000000", b"w")].concat();
+        let again = parse_pax(&again).unwrap();
+        assert_eq!(again.xattr_refusal, None);
+        assert_eq!(again.xattrs[&b"user.0000000000"[..]], b"w");
+
+        let over = parse_pax(&names(4097)).unwrap();
+        let why = over.xattr_refusal.unwrap_or_default();
+        assert!(why.contains("65536"), "{why}");
+        assert!(over.xattrs.is_empty(), "nothing kept once refused");
+
+        let value = |len: usize| record(b"SCHILY.xattr.user.big", &vec![b'x'; len]);
+        assert_eq!(parse_pax(&value(65536)).unwrap().xattr_refusal, None);
+        let why = parse_pax(&value(65537)).unwrap().xattr_refusal;
+        assert!(why.is_some_and(|w| w.contains("user.big")));
+
+        let name = |len: usize| record(format!("SCHILY.xattr.{}", "n".repeat(len)).as_bytes(), b"");
+        assert_eq!(parse_pax(&name(255)).unwrap().xattr_refusal, None);
+        assert!(parse_pax(&name(256)).unwrap().xattr_refusal.is_some());
+    }
 
     #[test]
     fn pax_records_keep_binary_values() {
@@ -755,10 +930,9 @@ mod tests {
             rec.extend_from_slice(format!("{len} ").as_bytes());
             rec.extend_from_slice(&body);
         }
-        let mut pax = Pax::default();
-        parse_pax(&rec, &mut pax).unwrap();
+        let pax = parse_pax(&rec).unwrap();
         assert_eq!(
-            pax.xattrs,
+            pax.xattrs.into_iter().collect::<Vec<_>>(),
             vec![(b"security.capability".to_vec(), value.to_vec())]
         );
         assert_eq!(pax.path.as_deref(), Some(&b"a/b"[..]));
@@ -769,8 +943,8 @@ mod tests {
                 nsec: 500_000_000
             })
         );
-        assert!(parse_pax(b"99 path=x\n", &mut Pax::default()).is_err());
-        assert!(parse_pax(b"9 pathx\n", &mut Pax::default()).is_err());
+        assert!(parse_pax(b"99 path=x\n").is_err());
+        assert!(parse_pax(b"9 pathx\n").is_err());
     }
 
     #[test]

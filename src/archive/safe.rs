@@ -1,6 +1,9 @@
 //! Path handling confined to the apply root: name cleaning, directory
-//! resolution that never follows a symlink out of the root, recursive removal
+//! resolution that never follows a symlink out of the root, tree removal
 //! relative to directory fds, and the xattr calls nix does not wrap.
+//!
+//! Nothing here recurses or holds an fd per level of a tree: a layer may
+//! make trees deeper than any thread's stack or the fd limit.
 
 use std::collections::VecDeque;
 use std::ffi::{CString, OsStr};
@@ -21,6 +24,11 @@ pub(super) use crate::xattr::{fsetxattr, lgetxattr, llistxattr, lsetxattr};
 
 /// Linux's own limit on symlinks followed in one lookup.
 const MAX_SYMLINKS: u32 = 40;
+
+/// The longest path inside the image: `/`, the path and a NUL fit in
+/// PATH_MAX, so a container can name every file it gets. It also bounds
+/// the depth (2047) and what each entry costs to resolve and record.
+pub(super) const MAX_PATH: usize = libc::PATH_MAX as usize - 2;
 
 /// A path relative to the root, as '/'-joined components without `.`, `..`
 /// or empty parts; the empty path is the root itself.
@@ -54,6 +62,21 @@ pub(super) fn clean(name: &[u8]) -> Result<RelPath, ArchiveError> {
         }
     }
     Ok(parts.join(&b'/'))
+}
+
+/// Refuses a path inside the image longer than [`MAX_PATH`] (`entry` names
+/// the tar entry), before anything is resolved or created for it.
+pub(super) fn check_len(path: &[u8], entry: &str) -> Result<(), ArchiveError> {
+    if path.len() <= MAX_PATH {
+        return Ok(());
+    }
+    Err(ArchiveError::Refused {
+        path: entry.to_string(),
+        reason: format!(
+            "the path is {} bytes long, more than the {MAX_PATH} a path inside an image may be",
+            path.len()
+        ),
+    })
 }
 
 /// Splits a cleaned path into its parent and last component; `None` for the root.
@@ -128,6 +151,44 @@ pub(super) fn create_new_file(dir: BorrowedFd<'_>, name: &[u8]) -> nix::Result<O
     )
 }
 
+/// Whether openat2(2) is missing (Linux before 5.6).
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// Opens `path` below `dir` as an O_PATH directory fd if every component
+/// is a real directory: no symlinks, nothing above `dir`. One syscall
+/// with openat2(2), else one per component.
+pub(super) fn open_beneath(dir: BorrowedFd<'_>, path: &[u8]) -> nix::Result<OwnedFd> {
+    let name: &[u8] = if path.is_empty() { b"." } else { path };
+    if !NO_OPENAT2.load(Ordering::Relaxed) {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            );
+        match openat2(dir, name, how) {
+            Err(Errno::ENOSYS) => NO_OPENAT2.store(true, Ordering::Relaxed),
+            other => return other,
+        }
+    }
+    let mut cur = dir
+        .try_clone_to_owned()
+        .map_err(|e| e.raw_os_error().map_or(Errno::EMFILE, Errno::from_raw))?;
+    for comp in components(path) {
+        if comp == b"." || comp == b".." {
+            return Err(Errno::EXDEV);
+        }
+        cur = openat(
+            cur.as_fd(),
+            comp,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+    }
+    Ok(cur)
+}
+
 /// Opens a root directory (the apply root or an overlay lower) as an O_PATH fd.
 pub(super) fn open_root(path: &Path) -> io::Result<OwnedFd> {
     Ok(nix::fcntl::open(
@@ -146,9 +207,8 @@ pub(super) struct DirRef {
 }
 
 /// A directory that resolution had to create because the layer needs it.
+/// Named by its real path, not an fd: a chain of them may be thousands long.
 pub(super) struct Created {
-    pub parent: OwnedFd,
-    pub name: Vec<u8>,
     pub path: RelPath,
     /// It replaced an overlay whiteout, so it must become opaque.
     pub over_whiteout: bool,
@@ -197,7 +257,8 @@ impl Tree {
     /// Resolves `path` (a cleaned, root-relative directory path) the way
     /// `openat2(RESOLVE_IN_ROOT)` would: symlinks are followed but absolute
     /// targets and `..` are taken inside the root. `entry` names the tar
-    /// entry in errors.
+    /// entry in errors. A directory whose real path is longer than
+    /// [`MAX_PATH`] (through symlinks) is refused.
     pub fn resolve(
         &mut self,
         path: &[u8],
@@ -205,13 +266,8 @@ impl Tree {
         created: &mut Vec<Created>,
         entry: &str,
     ) -> Result<Option<DirRef>, ArchiveError> {
-        if let Some((key, fd, real)) = &self.cache
-            && key.as_slice() == path
-        {
-            return Ok(Some(DirRef {
-                fd: Rc::clone(fd),
-                path: real.clone(),
-            }));
+        if let Some(d) = self.below_cache(path) {
+            return Ok(Some(d));
         }
         let found = match self.fast(path) {
             Some(fd) => Some(DirRef {
@@ -226,20 +282,54 @@ impl Tree {
         Ok(found)
     }
 
+    /// The cached directory, or a real directory below it: a tree is listed
+    /// parent first, so the next entry's parent is usually one level below
+    /// the last one resolved, and one lookup finds it however deep it is.
+    fn below_cache(&mut self, path: &[u8]) -> Option<DirRef> {
+        let (key, fd, real) = self.cache.as_ref()?;
+        if key.as_slice() == path {
+            return Some(DirRef {
+                fd: Rc::clone(fd),
+                path: real.clone(),
+            });
+        }
+        if key.is_empty() {
+            return None; // the root: `fast` is the same lookup
+        }
+        let rest = path.strip_prefix(key.as_slice())?.strip_prefix(b"/")?;
+        if real.len() + 1 + rest.len() > MAX_PATH {
+            return None; // the walk refuses it
+        }
+        let below = open_beneath(fd.as_fd(), rest).ok()?;
+        let d = DirRef {
+            fd: Rc::new(below),
+            path: join(real, rest),
+        };
+        self.cache = Some((path.to_vec(), Rc::clone(&d.fd), d.path.clone()));
+        Some(d)
+    }
+
     /// The common case in one syscall: a path of real directories with no
     /// symlinks in it. Anything else (or an old kernel) takes the walk.
     fn fast(&self, path: &[u8]) -> Option<OwnedFd> {
-        let name: &[u8] = if path.is_empty() { b"." } else { path };
-        let how = OpenHow::new()
-            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-            .resolve(
-                ResolveFlag::RESOLVE_BENEATH
-                    | ResolveFlag::RESOLVE_NO_SYMLINKS
-                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
-            );
-        openat2(self.root.as_fd(), name, how).ok()
+        if NO_OPENAT2.load(Ordering::Relaxed) {
+            return None;
+        }
+        open_beneath(self.root.as_fd(), path).ok()
     }
 
+    /// Opens a directory by the real path a resolution gave (no symlinks
+    /// on it); `None` if it is no longer a directory there.
+    pub fn open_real(&self, path: &[u8], entry: &str) -> Result<Option<OwnedFd>, ArchiveError> {
+        match open_beneath(self.root.as_fd(), path) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => Ok(None),
+            Err(e) => Err(io_err("opening directory", entry, e.into())),
+        }
+    }
+
+    /// Component by component, holding only the current directory's fd and
+    /// its real path (`..` reopens the parent by that path).
     fn walk(
         &mut self,
         path: &[u8],
@@ -247,38 +337,49 @@ impl Tree {
         created: &mut Vec<Created>,
         entry: &str,
     ) -> Result<Option<DirRef>, ArchiveError> {
-        // The directories below the root on the resolved path, with names.
-        let mut stack: Vec<(OwnedFd, Vec<u8>)> = Vec::new();
+        // `None` is the root.
+        let mut cur: Option<OwnedFd> = None;
+        let mut real: RelPath = Vec::new();
+        // Where each component of `real` starts, to step back up.
+        let mut starts: Vec<usize> = Vec::new();
         let mut queue: VecDeque<Vec<u8>> = components(path).map(<[u8]>::to_vec).collect();
         let mut links = 0;
-        let real = |stack: &[(OwnedFd, Vec<u8>)]| -> RelPath {
-            stack
-                .iter()
-                .map(|(_, n)| n.as_slice())
-                .collect::<Vec<_>>()
-                .join(&b'/')
-        };
         while let Some(comp) = queue.pop_front() {
             match comp.as_slice() {
                 b"" | b"." => continue,
                 // Lexical, and clamped at the root like RESOLVE_IN_ROOT.
                 b".." => {
-                    stack.pop();
+                    if let Some(start) = starts.pop() {
+                        real.truncate(start.saturating_sub(1));
+                        cur = if real.is_empty() {
+                            None
+                        } else {
+                            Some(
+                                self.open_real(&real, entry)?
+                                    .ok_or_else(|| moved(entry, &real))?,
+                            )
+                        };
+                    }
                     continue;
                 }
                 _ => {}
             }
-            let cur = match stack.last() {
-                Some((fd, _)) => fd.as_fd(),
-                None => self.root.as_fd(),
-            };
-            let here = join(&real(&stack), &comp);
-            match open_path(cur, &comp) {
+            if real.len() + 1 + comp.len() > MAX_PATH {
+                return Err(ArchiveError::Refused {
+                    path: entry.to_string(),
+                    reason: format!(
+                        "{} resolves to a path longer than {MAX_PATH} bytes",
+                        show(path)
+                    ),
+                });
+            }
+            let dir = cur.as_ref().map_or(self.root.as_fd(), |fd| fd.as_fd());
+            let next = match open_path(dir, &comp) {
                 Ok(fd) => {
                     let st = fstat(&fd).map_err(|e| io_err("inspecting", entry, e.into()))?;
                     let ty = file_type(&st);
                     if ty == SFlag::S_IFDIR {
-                        stack.push((fd, comp));
+                        fd
                     } else if ty == SFlag::S_IFLNK {
                         links += 1;
                         if links > MAX_SYMLINKS {
@@ -290,65 +391,76 @@ impl Tree {
                                 ),
                             });
                         }
-                        let target = readlinkat(cur, comp.as_slice())
+                        let target = readlinkat(dir, comp.as_slice())
                             .map_err(|e| io_err("reading symlink", entry, e.into()))?;
                         let target = target.as_bytes();
                         if target.starts_with(b"/") {
-                            stack.clear();
+                            (cur, real) = (None, Vec::new());
+                            starts.clear();
                         }
                         for c in target.split(|&b| b == b'/').rev() {
                             queue.push_front(c.to_vec());
                         }
+                        continue;
                     } else if matches!(walk, Walk::Create { overlay: true }) && is_whiteout(&st) {
                         // The layer deleted this directory and now puts
                         // something below it: a fresh (opaque) directory.
-                        unlinkat(cur, comp.as_slice(), UnlinkatFlags::NoRemoveDir)
+                        unlinkat(dir, comp.as_slice(), UnlinkatFlags::NoRemoveDir)
                             .map_err(|e| io_err("removing whiteout", entry, e.into()))?;
                         self.cache = None;
-                        let fd = make_dir(cur, &comp, entry)?;
-                        let parent = dup(cur, entry)?;
+                        let fd = make_dir(dir, &comp, entry)?;
                         created.push(Created {
-                            parent,
-                            name: comp.clone(),
-                            path: here,
+                            path: join(&real, &comp),
                             over_whiteout: true,
                         });
-                        stack.push((fd, comp));
+                        fd
                     } else if walk == Walk::Lookup {
                         // Nothing is below a non-directory.
                         return Ok(None);
                     } else {
                         return Err(ArchiveError::NotADirectory {
                             path: entry.to_string(),
-                            component: show(&here),
+                            component: show(&join(&real, &comp)),
                         });
                     }
                 }
                 Err(Errno::ENOENT) if walk != Walk::Lookup => {
-                    let fd = make_dir(cur, &comp, entry)?;
-                    let parent = dup(cur, entry)?;
+                    let fd = make_dir(dir, &comp, entry)?;
                     created.push(Created {
-                        parent,
-                        name: comp.clone(),
-                        path: here,
+                        path: join(&real, &comp),
                         over_whiteout: false,
                     });
-                    stack.push((fd, comp));
+                    fd
                 }
                 Err(Errno::ENOENT) => return Ok(None),
                 Err(e) => return Err(io_err("opening directory", entry, e.into())),
+            };
+            if !real.is_empty() {
+                real.push(b'/');
             }
+            starts.push(real.len());
+            real.extend_from_slice(&comp);
+            cur = Some(next);
         }
-        let path = real(&stack);
-        let fd = match stack.pop() {
-            Some((fd, _)) => fd,
+        let fd = match cur {
+            Some(fd) => fd,
             None => dup(self.root.as_fd(), entry)?,
         };
         Ok(Some(DirRef {
             fd: Rc::new(fd),
-            path,
+            path: real,
         }))
     }
+}
+
+/// A directory on the resolved path went away mid-walk (only this applier
+/// writes the tree, so it never should).
+fn moved(entry: &str, real: &[u8]) -> ArchiveError {
+    io_err(
+        "reopening directory",
+        entry,
+        io::Error::other(format!("{} is no longer a directory", show(real))),
+    )
 }
 
 fn make_dir(parent: BorrowedFd<'_>, name: &[u8], entry: &str) -> Result<OwnedFd, ArchiveError> {
@@ -378,8 +490,8 @@ pub(super) fn io_err(op: &str, path: &str, source: io::Error) -> ArchiveError {
     }
 }
 
-/// Removes `name` in `dir`, recursively if it is a directory, never
-/// following symlinks. Returns whether anything was there.
+/// Removes `name` in `dir`, with everything below it if it is a directory,
+/// never following symlinks. Returns whether anything was there.
 pub(super) fn remove_all_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<bool> {
     match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
         Ok(()) => return Ok(true),
@@ -387,20 +499,105 @@ pub(super) fn remove_all_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<bool
         Err(Errno::EISDIR) => {}
         Err(e) => return Err(e.into()),
     }
-    let child = openat(
+    remove_tree_at(dir, name)?;
+    Ok(true)
+}
+
+/// A directory being emptied: its name in its parent, its identity (to
+/// check `..` leads back to it) and the subdirectories still to empty.
+struct Level {
+    name: Vec<u8>,
+    id: (u64, u64),
+    subdirs: Vec<Vec<u8>>,
+}
+
+/// Removes the directory `name` in `top` and everything below it, depth
+/// first without recursion, holding one directory fd at a time: going
+/// down opens a child, coming back up opens `..` and checks it is the
+/// directory it came from.
+fn remove_tree_at(top: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+    let mut cur = match open_dir(top, name) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut levels = vec![Level {
+        name: name.to_vec(),
+        id: dir_id(&cur)?,
+        subdirs: unlink_files(&cur)?,
+    }];
+    while let Some(level) = levels.last_mut() {
+        if let Some(sub) = level.subdirs.pop() {
+            match open_dir(cur.as_fd(), &sub) {
+                Ok(child) => {
+                    levels.push(Level {
+                        name: sub,
+                        id: dir_id(&child)?,
+                        subdirs: unlink_files(&child)?,
+                    });
+                    cur = child;
+                }
+                Err(Errno::ENOENT) => {}
+                // Replaced by a non-directory since it was listed.
+                Err(Errno::ENOTDIR | Errno::ELOOP) => {
+                    match unlinkat(cur.as_fd(), sub.as_slice(), UnlinkatFlags::NoRemoveDir) {
+                        Ok(()) | Err(Errno::ENOENT) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+            continue;
+        }
+        // `cur` is empty: step up and remove it.
+        let done = std::mem::take(&mut level.name);
+        levels.pop();
+        let parent = match levels.last() {
+            Some(parent) => {
+                let up = open_dir(cur.as_fd(), b"..")?;
+                if dir_id(&up)? != parent.id {
+                    return Err(io::Error::other(
+                        "a directory moved while its tree was being removed",
+                    ));
+                }
+                cur = up;
+                cur.as_fd()
+            }
+            None => top,
+        };
+        match unlinkat(parent, done.as_slice(), UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn open_dir(dir: BorrowedFd<'_>, name: &[u8]) -> nix::Result<OwnedFd> {
+    openat(
         dir,
         name,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
-    )?;
-    let names = list_dir(&child)?;
-    for n in &names {
-        remove_all_at(child.as_fd(), n)?;
+    )
+}
+
+fn dir_id(fd: &OwnedFd) -> io::Result<(u64, u64)> {
+    let st = fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Unlinks everything in `dir` but its subdirectories, which it returns.
+fn unlink_files(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut subdirs = Vec::new();
+    for name in list_dir(dir)? {
+        match unlinkat(dir.as_fd(), name.as_slice(), UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(Errno::EISDIR) => subdirs.push(name),
+            Err(e) => return Err(e.into()),
+        }
     }
-    match unlinkat(dir, name, UnlinkatFlags::RemoveDir) {
-        Ok(()) | Err(Errno::ENOENT) => Ok(true),
-        Err(e) => Err(e.into()),
-    }
+    Ok(subdirs)
 }
 
 /// The names in a directory, from any fd to it (O_PATH included).

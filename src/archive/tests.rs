@@ -1955,3 +1955,431 @@ fn damaged_layers_never_panic_or_escape() {
         j.assert_outside_untouched();
     }
 }
+
+// ================================================================ hostile sizes and depths
+
+/// Runs `f` on a thread with a 256 KiB stack: room for the code, but not
+/// for a frame per level of the trees these tests make.
+fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::Builder::new()
+        .stack_size(256 << 10)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+/// An entry whose name may be any length: a GNU long-name entry first
+/// when it does not fit the header.
+fn long_entry(out: &mut Vec<u8>, name: &[u8], kind: EntryType, data: &[u8]) {
+    if name.len() > 100 {
+        let mut long = Header::new_gnu();
+        long.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        long.set_entry_type(EntryType::GNULongName);
+        long.set_mode(0o644);
+        long.set_size(name.len() as u64 + 1);
+        long.set_cksum();
+        out.extend_from_slice(long.as_bytes());
+        out.extend_from_slice(name);
+        out.push(0);
+        pad(out);
+    }
+    let mut h = Header::new_gnu();
+    let n = name.len().min(100);
+    h.as_old_mut().name[..n].copy_from_slice(&name[..n]);
+    h.set_entry_type(kind);
+    h.set_mode(if kind == EntryType::Directory {
+        0o755
+    } else {
+        0o644
+    });
+    h.set_mtime(MTIME);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    pad(out);
+}
+
+/// A layer made as it is read: a directory chain `a/a/.../a/` `depth`
+/// levels deep, one entry per level, then a file `a` replacing the chain's
+/// top. 40,000 levels are 1.6 GB of tar, so it is never held whole.
+struct DeepChain {
+    depth: usize,
+    level: usize,
+    name: Vec<u8>,
+    buf: Vec<u8>,
+    at: usize,
+    /// Bytes handed out so far.
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl DeepChain {
+    fn new(depth: usize) -> Self {
+        DeepChain {
+            depth,
+            level: 0,
+            name: Vec::new(),
+            buf: Vec::new(),
+            at: 0,
+            read: Default::default(),
+        }
+    }
+}
+
+impl Read for DeepChain {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.buf.len() {
+            self.buf.clear();
+            self.at = 0;
+            if self.level < self.depth {
+                if !self.name.is_empty() {
+                    self.name.push(b'/');
+                }
+                self.name.push(b'a');
+                let dir = [&self.name[..], b"/"].concat();
+                long_entry(&mut self.buf, &dir, EntryType::Directory, b"");
+            } else if self.level == self.depth {
+                long_entry(&mut self.buf, b"a", EntryType::Regular, b"replaced");
+                self.buf.extend_from_slice(&[0; 1024]);
+            } else {
+                return Ok(0);
+            }
+            self.level += 1;
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// A chain `a/a/...` `depth` levels deep in `dir` with a file at the
+/// bottom, made through fds: its paths are far longer than PATH_MAX.
+fn deep_tree(dir: &Path, depth: usize) {
+    use nix::fcntl::{OFlag, open, openat};
+    use nix::sys::stat::{Mode, mkdirat};
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let mut cur = open(dir, flags, Mode::empty()).unwrap();
+    for _ in 0..depth {
+        mkdirat(cur.as_fd(), "a", Mode::from_bits_truncate(0o755)).unwrap();
+        cur = openat(cur.as_fd(), "a", flags, Mode::empty()).unwrap();
+    }
+    let file = OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+    openat(cur.as_fd(), "f", file, Mode::from_bits_truncate(0o644)).unwrap();
+}
+
+#[test]
+fn a_directory_chain_deeper_than_path_max_is_refused_quickly() {
+    for opts in [plain(), overlay(&[])] {
+        let tmp = TempDir::new().unwrap();
+        let root = mkdir(tmp.path(), "root");
+        let layer = DeepChain::new(40_000);
+        let read = layer.read.clone();
+        let start = std::time::Instant::now();
+        let err = apply_layer(&root, layer, Compression::None, &opts).unwrap_err();
+        let read = read.load(Ordering::Relaxed);
+        eprintln!(
+            "40,000-deep chain refused in {:?} after {} KiB of its 1.6 GB",
+            start.elapsed(),
+            read >> 10
+        );
+        // Level 2048 is the first whose path ("a/" 2048 times) is too long.
+        assert!(
+            matches!(&err, ArchiveError::Refused { path, reason }
+                if *path == "a/".repeat(2048) && reason.contains("4095 bytes long")),
+            "{err}"
+        );
+        assert!(read < 64 << 20, "read {read} bytes");
+        // The snapshot store removes what it made the same way.
+        let r = root.clone();
+        on_small_stack(move || remove_tree(&r)).unwrap();
+        assert!(!root.exists());
+    }
+}
+
+#[test]
+fn a_deep_chain_replaced_by_a_file_is_removed_without_recursion() {
+    for opts in [plain(), overlay(&[])] {
+        let tmp = TempDir::new().unwrap();
+        let root = mkdir(tmp.path(), "root");
+        let r = root.clone();
+        let layer = DeepChain::new(2000);
+        let applied = on_small_stack(move || apply_layer(&r, layer, Compression::None, &opts));
+        assert_eq!(applied.unwrap().entries, 2001);
+        assert_eq!(render_with(&root, false), lines(&["f a 644 \"replaced\""]));
+    }
+}
+
+#[test]
+fn a_symlink_cannot_lengthen_a_path_past_the_limit() {
+    let j = Jail::new();
+    let deep = vec!["d"; 1500].join("/");
+    let mut below = Vec::new();
+    long_entry(
+        &mut below,
+        format!("l/{}/x", vec!["e"; 1500].join("/")).as_bytes(),
+        EntryType::Regular,
+        b"x",
+    );
+    let tar = Layer::new()
+        .dir(&deep, m(0o755))
+        .symlink("l", &deep)
+        .bytes(&below)
+        .finish();
+    let err = apply(&j.root, &tar, &plain()).unwrap_err();
+    assert!(
+        matches!(&err, ArchiveError::Refused { path, reason }
+            if path.starts_with("l/e/e/") && reason.contains("longer than 4094")),
+        "{err}"
+    );
+    j.assert_outside_untouched();
+}
+
+#[test]
+fn the_snapshot_store_removes_a_deep_tree_without_recursion() {
+    use crate::snapshot::Snapshotter;
+    let h = crate::snapshot::testsuite::harness(Box::new(crate::snapshot::native::Native)).unwrap();
+    h.snapshots
+        .prepare("active", None, Default::default())
+        .unwrap();
+    let (fs_dir, _) = h.snapshots.apply_dirs("active").unwrap();
+    deep_tree(&fs_dir, 40_000);
+    // Half removed before a crash: GC after the restart meets it.
+    let dir = h.snapshots.root().path().to_path_buf();
+    let orphan = mkdir(&dir, "removing-999");
+    deep_tree(&orphan, 40_000);
+    let (snapshots, db) = (h.snapshots.clone(), h.db.clone());
+    on_small_stack(move || {
+        snapshots.remove("active")?;
+        crate::snapshot::garbage_collect(&db).map(drop)
+    })
+    .unwrap();
+    assert!(!fs_dir.exists() && !orphan.exists());
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+}
+
+#[test]
+fn native_copy_of_a_deep_tree_does_not_recurse() {
+    let tmp = TempDir::new().unwrap();
+    let src = mkdir(tmp.path(), "src");
+    deep_tree(&src, 1500);
+    let dst = tmp.path().join("dst");
+    let (s, d) = (src.clone(), dst.clone());
+    on_small_stack(move || crate::snapshot::native::copy_tree(&s, &d)).unwrap();
+    assert!(dst.join(vec!["a"; 1500].join("/")).join("f").is_file());
+    remove_tree(&dst).unwrap();
+    remove_tree(&src).unwrap();
+}
+
+/// One PAX record, its length prefix counting itself.
+fn pax_record(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let body = [key, b"=", value, b"\n"].concat();
+    let mut len = body.len() + 2;
+    while format!("{len} ").len() + body.len() != len {
+        len += 1;
+    }
+    [format!("{len} ").as_bytes(), &body].concat()
+}
+
+/// A PAX extended (`x`) or global (`g`) header holding `records`.
+fn ext_header(kind: EntryType, records: &[u8]) -> Vec<u8> {
+    let mut h = Header::new_ustar();
+    h.set_path("PaxHeaders/f").unwrap();
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_size(records.len() as u64);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(records);
+    pad(&mut out);
+    out
+}
+
+/// 48 `x` headers of about 1 MiB, each of 25,000 distinct user xattrs,
+/// in front of one small file `f`.
+fn pax_flood() -> Vec<u8> {
+    let mut layer = Layer::new();
+    for h in 0..48 {
+        let mut records = Vec::with_capacity(1 << 20);
+        for i in 0..25_000 {
+            let key = format!("SCHILY.xattr.user.{h:02}.{i:05}");
+            records.extend(pax_record(key.as_bytes(), b"0123456789"));
+        }
+        assert!(records.len() <= 1 << 20);
+        layer = layer.bytes(&ext_header(EntryType::XHeader, &records));
+    }
+    layer.file("f", m(0o644), b"small").finish()
+}
+
+#[test]
+fn a_flood_of_pax_headers_is_refused_quickly_naming_the_entry() {
+    let layer = pax_flood();
+    let tmp = TempDir::new().unwrap();
+    let start = std::time::Instant::now();
+    let err = apply(tmp.path(), &layer, &plain()).unwrap_err();
+    eprintln!(
+        "{} MiB PAX flood refused in {:?}",
+        layer.len() >> 20,
+        start.elapsed()
+    );
+    assert!(
+        matches!(&err, ArchiveError::Refused { path, reason }
+            if path == "f" && reason.contains("65536")),
+        "{err}"
+    );
+    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn xattrs_beyond_what_linux_keeps_refuse_their_entry() {
+    // 5000 names of 16 bytes with their NULs: more than 64 KiB.
+    let many: Vec<u8> = (0..5000)
+        .flat_map(|i| pax_record(format!("SCHILY.xattr.user.{i:010}").as_bytes(), b""))
+        .collect();
+    let big = pax_record(b"SCHILY.xattr.user.big", &[b'v'; 65537]);
+    for (records, name) in [(many, "named/by/pax"), (big, "named/by/pax")] {
+        let records = [records, pax_record(b"path", name.as_bytes())].concat();
+        let tar = Layer::new()
+            .bytes(&ext_header(EntryType::XHeader, &records))
+            .file("header-name", m(0o644), b"x")
+            .finish();
+        let tmp = TempDir::new().unwrap();
+        let err = apply(tmp.path(), &tar, &plain()).unwrap_err();
+        assert!(
+            matches!(&err, ArchiveError::Refused { path, .. } if path == name),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_later_pax_header_replaces_the_earlier_one_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let tar = Layer::new()
+        .pax(&[
+            ("path", b"first"),
+            ("SCHILY.xattr.user.first", b"1"),
+            ("mtime", b"1234"),
+        ])
+        .pax(&[("SCHILY.xattr.user.second", b"2")])
+        .file("f", m(0o644), b"f")
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    assert_eq!(
+        render_with(&root, false),
+        lines(&["f f 644 \"f\" x[user.second=2]"])
+    );
+    assert_eq!(mtime(&root.join("f")), (MTIME as i64, 0));
+}
+
+#[test]
+fn a_global_header_ends_the_extended_headers_before_it_as_root() {
+    require_root!();
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let global = ext_header(EntryType::XGlobalHeader, &pax_record(b"comment", b"g"));
+    let tar = Layer::new()
+        .pax(&[("path", b"first"), ("SCHILY.xattr.user.first", b"1")])
+        .bytes(&global)
+        .file("f", m(0o644), b"f")
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    assert_eq!(render_with(&root, false), lines(&["f f 644 \"f\""]));
+    // One larger than Go's archive/tar reads is refused, like an `x` one.
+    let mut h = Header::new_ustar();
+    h.set_entry_type(EntryType::XGlobalHeader);
+    h.set_size((1 << 20) + 1);
+    h.set_cksum();
+    let tar = Layer::new().bytes(h.as_bytes()).finish();
+    let err = apply(&root, &tar, &plain()).unwrap_err();
+    assert!(err.to_string().contains("too large"), "{err}");
+}
+
+#[test]
+fn a_zero_block_then_a_header_is_an_error() {
+    let first = Layer::new().file("a", m(0o644), b"a").finish();
+    let hidden = Layer::new().file("b", m(0o644), b"b").finish();
+    // One zero block instead of the two that end an archive.
+    let tar = [&first[..first.len() - 512], &hidden].concat();
+    for (compression, blob) in [
+        (Compression::None, tar.clone()),
+        (Compression::Gzip, gzip(&tar)),
+    ] {
+        let tmp = TempDir::new().unwrap();
+        let err = apply_layer(tmp.path(), blob.as_slice(), compression, &plain()).unwrap_err();
+        assert!(
+            matches!(&err, ArchiveError::Malformed { path, reason }
+                if path == "b" && reason.contains("zero block")),
+            "{compression}: {err}"
+        );
+    }
+}
+
+#[test]
+fn two_zero_blocks_or_one_at_the_end_end_the_archive() {
+    let first = Layer::new().file("a", m(0o644), b"a").finish();
+    let hidden = Layer::new().file("b", m(0o644), b"b").finish();
+    let after_end = [&first[..], &hidden].concat();
+    let one_then_eof = &first[..first.len() - 512];
+    for tar in [&after_end[..], one_then_eof] {
+        let tmp = TempDir::new().unwrap();
+        let applied = apply(tmp.path(), tar, &plain()).unwrap();
+        assert_eq!(render_with(tmp.path(), false), lines(&["f a 644 \"a\""]));
+        // What follows the end is hashed, not applied.
+        assert_eq!(applied.diff_id, crate::digest::Digest::of(tar));
+        assert_eq!(applied.uncompressed_size, tar.len() as u64);
+    }
+}
+
+/// Names decided as Go's archive/tar decides them, so that hoist writes
+/// the files a scanner sees: a GNU long name over a PAX path, an empty PAX
+/// path meaning none, and `GNU.sparse.name` only for a sparse file.
+#[test]
+fn entry_names_are_chosen_as_go_chooses_them() {
+    let tmp = TempDir::new().unwrap();
+    let root = mkdir(tmp.path(), "root");
+    let long = format!("long/{}", "n".repeat(120));
+    let mut by_long_name = Vec::new();
+    long_entry(&mut by_long_name, long.as_bytes(), EntryType::Regular, b"1");
+    let tar = Layer::new()
+        .dir("long", m(0o755))
+        .pax(&[("path", b"pax-path")])
+        .bytes(&by_long_name)
+        .pax(&[("path", b"")])
+        .file("header-name", m(0o644), b"2")
+        .pax(&[("GNU.sparse.name", b"sparse-name")])
+        .file("not-sparse", m(0o644), b"3")
+        .finish();
+    apply_ok(&root, &tar, &plain());
+    assert_eq!(
+        render_with(&root, false),
+        lines(&[
+            "d long 755",
+            &format!("f {long} 644 \"1\""),
+            "f header-name 644 \"2\"",
+            "f not-sparse 644 \"3\"",
+        ])
+    );
+}
+
+/// `..` in a symlink target steps back up the resolved path, which the
+/// walk reopens by its real path rather than keeping an fd per level.
+#[test]
+fn symlink_targets_climb_from_the_link_s_directory() {
+    let j = Jail::new();
+    let tar = Layer::new()
+        .dir("a/b/c", m(0o755))
+        .symlink("a/b/c/up", "../../x")
+        .file("a/b/c/up/f", m(0o644), b"f")
+        .symlink("a/b/c/far", "../../../../../../y")
+        .file("a/b/c/far/g", m(0o644), b"g")
+        .finish();
+    apply_ok(&j.root, &tar, &plain());
+    assert_eq!(fs::read(j.root.join("a/x/f")).unwrap(), b"f");
+    assert_eq!(fs::read(j.root.join("y/g")).unwrap(), b"g");
+    j.assert_outside_untouched();
+}

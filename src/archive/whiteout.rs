@@ -18,7 +18,7 @@ use super::ArchiveError;
 use super::apply::{Applier, At, Meta};
 use super::reader::{Entry, Time, Xattrs};
 use super::safe::{
-    self, DirRef, Walk, components, file_type, io_err, is_dir, is_whiteout, lstat_at,
+    self, DirRef, RelPath, Walk, components, file_type, io_err, is_dir, is_whiteout, lstat_at,
 };
 
 const PREFIX: &[u8] = b".wh.";
@@ -190,24 +190,36 @@ impl Applier {
     }
 
     /// Deletes everything below `dir` that this layer did not write.
+    /// Depth first without recursion; a directory still to visit is held
+    /// by its real path, not an fd, however many there are.
     fn purge_unwritten(&mut self, dir: &DirRef, display: &str) -> Result<(), ArchiveError> {
-        let names =
-            safe::list_dir(&dir.fd).map_err(|err| io_err("listing directory", display, err))?;
-        for name in names {
-            let child = safe::join(&dir.path, &name);
-            if !self.written.contains(&child) {
-                self.replace(dir.fd.as_fd(), &name, display)?;
-            } else if let Some(fd) = self.open_dir(dir.fd.as_fd(), &name, display)? {
-                self.purge_unwritten(
-                    &DirRef {
-                        fd: Rc::new(fd),
-                        path: child,
+        let mut next = Some((Rc::clone(&dir.fd), dir.path.clone()));
+        let mut pending: Vec<RelPath> = Vec::new();
+        loop {
+            let (fd, path) = match next.take() {
+                Some(d) => d,
+                None => match pending.pop() {
+                    Some(path) => match self.tree.open_real(&path, display)? {
+                        Some(fd) => (Rc::new(fd), path),
+                        None => continue,
                     },
-                    display,
-                )?;
+                    None => return Ok(()),
+                },
+            };
+            let names =
+                safe::list_dir(&fd).map_err(|err| io_err("listing directory", display, err))?;
+            for name in names {
+                let child = safe::join(&path, &name);
+                if !self.written.contains(&child) {
+                    self.replace(fd.as_fd(), &name, display)?;
+                } else if lstat_at(fd.as_fd(), &name)
+                    .map_err(|err| io_err("inspecting", display, err))?
+                    .is_some_and(|st| is_dir(&st))
+                {
+                    pending.push(child);
+                }
             }
         }
-        Ok(())
     }
 
     /// Copies a lower object into the upper (for a hardlink to it).

@@ -45,6 +45,9 @@ impl LocalStore {
     /// Opens (creating if needed) a store rooted at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
+        // Blobs are private layers: nobody but hoist reads them.
+        crate::root::private_dir(&root, crate::root::PRIVATE_DIR_MODE)
+            .context(|| format!("creating {}", root.display()))?;
         for dir in [root.join("blobs/sha256"), root.join("ingest")] {
             fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
         }

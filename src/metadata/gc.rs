@@ -93,7 +93,10 @@ fn label_refs(ns: &str, labels: &Labels) -> impl Iterator<Item = Node> {
 
 impl Db {
     /// Runs one full collection. Operations that create objects wait for it
-    /// (and it for them), so nothing in flight under a lease is swept.
+    /// (and it for them), so nothing in flight under a lease is swept. That
+    /// holds within this process only: the caller must have the root to
+    /// itself, as the daemon does, or a command holding
+    /// [`RootLock::collector`](crate::root::RootLock::collector).
     pub fn garbage_collect(&self, snapshotters: &[&dyn SnapshotCollector]) -> Result<GcReport> {
         let started = Instant::now();
         let _exclusive = self.gc_lock.write();

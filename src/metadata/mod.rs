@@ -43,6 +43,12 @@ pub enum Error {
     Content(#[from] crate::content::Error),
     #[error("metadata database: {0}")]
     Database(#[from] rusqlite::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "metadata database {path}: schema version {found} is newer than this hoist knows ({known})"
     )]
@@ -63,8 +69,19 @@ pub struct Db {
 impl Db {
     /// Opens the database and content store under `root`, migrating the schema.
     pub fn open(root: &Path) -> Result<Arc<Db>> {
+        let io = |context: String| move |source| Error::Io { context, source };
+        crate::root::prepare_root(root).map_err(io(format!("preparing {}", root.display())))?;
         let content = LocalStore::open(root.join("content"))?;
         let path = root.join("meta.db");
+        // SQLite creates its -wal and -shm files with the database's mode, so
+        // the database exists 0600 before SQLite first opens it.
+        crate::root::private_file(&path, crate::root::PRIVATE_FILE_MODE)
+            .map_err(io(format!("creating {}", path.display())))?;
+        for suffix in ["-wal", "-shm"] {
+            let side = root.join(format!("meta.db{suffix}"));
+            crate::root::tighten(&side, crate::root::PRIVATE_FILE_MODE)
+                .map_err(io(format!("securing {}", side.display())))?;
+        }
         let mut conn = Connection::open(&path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;

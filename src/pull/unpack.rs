@@ -151,14 +151,11 @@ pub async fn plan(
             parent: i.checked_sub(1).map(|p| chain[p].to_string()),
         })
         .collect();
-    // A committed chain ID means everything below it is committed too.
+    // A committed chain ID means everything below it is committed too; the
+    // topmost one is held (and its parents with it) as it is found.
     let mut start = layers.len();
-    while start > 0 && !committed(snapshots, &layers[start - 1].chain_id).await? {
+    while start > 0 && !hold_committed(snapshots, &layers[start - 1].chain_id).await? {
         start -= 1;
-    }
-    if let Some(reused) = start.checked_sub(1) {
-        let (s, name) = (snapshots.clone(), layers[reused].chain_id.to_string());
-        blocking(move || s.hold(&name)).await??;
     }
     let parallel = !sequential && snapshots.root().rebases();
     let locks: Vec<_> = chain
@@ -325,43 +322,37 @@ fn prepare_and_apply(
 /// committed the chain first and ours was dropped.
 fn commit(s: &Snapshots, layer: &Layer, key: &str, rebase: Option<&Applied>) -> Result<bool> {
     let name = layer.chain_id.to_string();
-    let result = match rebase {
-        None => s.commit(&name, key, Labels::new()),
-        Some(applied) => (|| {
-            if !applied.implicit_dirs.is_empty() {
-                let (fs, _) = s.apply_dirs(key)?;
-                let lowers = s.tree_dirs(layer.parent.as_deref())?;
-                let userxattr = s.overlay_upper().unwrap_or(false);
-                crate::archive::adopt_lower_metadata(
-                    &fs,
-                    &applied.implicit_dirs,
-                    lowers,
-                    userxattr,
-                )
+    let adopted = match rebase {
+        Some(applied) if !applied.implicit_dirs.is_empty() => (|| {
+            let (fs, _) = s.apply_dirs(key)?;
+            let lowers = s.tree_dirs(layer.parent.as_deref())?;
+            let userxattr = s.overlay_upper().unwrap_or(false);
+            crate::archive::adopt_lower_metadata(&fs, &applied.implicit_dirs, lowers, userxattr)
                 .map_err(|source| crate::diff::Error::Archive {
                     layer: layer.desc.digest.to_string(),
                     source,
                 })?;
-            }
-            Ok::<_, Error>(s.commit_rebased(&name, key, layer.parent.as_deref(), Labels::new())?)
-        })()
-        .map_err(|e| match e {
-            Error::Snapshot(inner) => inner,
-            other => SnapshotError::FailedPrecondition(other.to_string()),
-        }),
+            Ok::<_, Error>(())
+        })(),
+        _ => Ok(()),
     };
-    match result {
-        Ok(()) => Ok(true),
-        Err(SnapshotError::AlreadyExists(_)) => {
-            remove_quietly(s, key);
-            s.hold(&name)?;
-            Ok(false)
-        }
-        Err(e) => {
-            remove_quietly(s, key);
-            Err(e.into())
-        }
+    let attempt = || match rebase {
+        None => s.commit(&name, key, Labels::new()),
+        Some(_) => s.commit_rebased(&name, key, layer.parent.as_deref(), Labels::new()),
+    };
+    let result = adopted.and_then(|()| match attempt() {
+        // Another unpack's commit serves, held before ours goes; if GC took
+        // it since ours failed, ours stands in after all.
+        Err(SnapshotError::AlreadyExists(_)) => match s.hold_committed(&name)? {
+            true => Ok(false),
+            false => Ok(attempt().map(|()| true)?),
+        },
+        other => Ok(other.map(|()| true)?),
+    });
+    if !matches!(result, Ok(true)) {
+        remove_quietly(s, key);
     }
+    result
 }
 
 fn remove_quietly(s: &Snapshots, key: &str) {
@@ -375,10 +366,8 @@ async fn apply_sequential(
     snapshots: &Snapshots,
     layer: &Layer,
 ) -> Result<bool> {
-    if committed(snapshots, &layer.chain_id).await? {
+    if hold_committed(snapshots, &layer.chain_id).await? {
         // Another unpack's: this pull's lease keeps it from here on.
-        let (s, name) = (snapshots.clone(), layer.chain_id.to_string());
-        blocking(move || s.hold(&name)).await??;
         return Ok(false);
     }
     let (s, st, l) = (snapshots.clone(), store.clone(), layer.clone());
@@ -542,11 +531,8 @@ async fn unpack_parallel(
     Ok((applied, streamed))
 }
 
-async fn committed(snapshots: &Snapshots, chain_id: &Digest) -> Result<bool> {
+/// Whether `chain_id` is committed, held by the unpack's lease if so.
+async fn hold_committed(snapshots: &Snapshots, chain_id: &Digest) -> Result<bool> {
     let (s, name) = (snapshots.clone(), chain_id.to_string());
-    match blocking(move || s.stat(&name)).await? {
-        Ok(info) => Ok(info.kind == crate::snapshot::Kind::Committed),
-        Err(SnapshotError::NotFound(_)) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
+    Ok(blocking(move || s.hold_committed(&name)).await??)
 }

@@ -148,6 +148,8 @@ pub fn open(
     name: Option<&str>,
 ) -> Result<std::sync::Arc<SnapshotRoot>> {
     let snapshots = db.root().join("snapshots");
+    // Before the overlay probe, which would make it with the umask's mode.
+    private_dir(&snapshots)?;
     let backend: Box<dyn Backend> = match name {
         Some("overlayfs") | Some("overlay") => Box::new(overlay::Overlay::new()),
         Some("native") => Box::new(native::Native),
@@ -160,6 +162,24 @@ pub fn open(
         None => Box::new(native::Native),
     };
     SnapshotRoot::new(db.clone(), backend)
+}
+
+/// `dir` 0700 (tightened if it exists): the trees under `snapshots/` hold
+/// setuid binaries and device nodes, so nobody but hoist may reach one.
+pub(crate) fn private_dir(dir: &Path) -> Result<()> {
+    crate::root::private_dir(dir, crate::root::PRIVATE_DIR_MODE)
+        .map_err(io_err(format!("creating {}", dir.display())))
+}
+
+/// A directory of an image tree: exactly `mode`, whatever the umask, since
+/// the layers applied into it may never say otherwise.
+pub(crate) fn tree_dir(dir: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .mode(mode)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)))
+        .map_err(io_err(format!("creating {}", dir.display())))
 }
 
 /// Every snapshotter that has snapshots under this root, for GC.

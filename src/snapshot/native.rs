@@ -21,9 +21,8 @@ impl Backend for Native {
         let fs_dir = dir.join("fs");
         match parents.first() {
             Some(parent) => copy_tree(parent, &fs_dir),
-            None => {
-                fs::create_dir(&fs_dir).map_err(io_err(format!("creating {}", fs_dir.display())))
-            }
+            // The root of the image's tree, 0755 unless a layer says otherwise.
+            None => super::tree_dir(&fs_dir, 0o755),
         }
     }
 
@@ -38,40 +37,65 @@ impl Backend for Native {
 }
 
 /// Copies `src` to `dst` keeping types, owners, modes, xattrs, times,
-/// devices and hardlink groups.
+/// devices and hardlink groups. Depth first with an explicit stack, so a
+/// deep tree costs heap, not a thread's stack.
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    /// Enter: copy the entry (for a directory, make it and queue its
+    /// children and its Leave). Leave: the directory's children are done;
+    /// its metadata goes on last, so a read-only one could still be filled.
+    enum Step {
+        Enter(PathBuf, PathBuf),
+        Leave(PathBuf, PathBuf, fs::Metadata),
+    }
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let mut dirs: Vec<(PathBuf, fs::Metadata)> = Vec::new();
-    copy_entry(src, dst, &mut links, &mut dirs)?;
-    // Directory times last, deepest first, once nothing more is written in them.
+    let mut steps = vec![Step::Enter(src.to_path_buf(), dst.to_path_buf())];
+    while let Some(step) = steps.pop() {
+        match step {
+            Step::Enter(src, dst) => {
+                if let Some(meta) = copy_entry(&src, &dst, &mut links)? {
+                    let listing =
+                        fs::read_dir(&src).map_err(io_err(format!("listing {}", src.display())))?;
+                    let mut children = Vec::new();
+                    for entry in listing {
+                        let entry = entry.map_err(io_err(format!("listing {}", src.display())))?;
+                        children.push(Step::Enter(entry.path(), dst.join(entry.file_name())));
+                    }
+                    steps.push(Step::Leave(src, dst, meta));
+                    steps.extend(children);
+                }
+            }
+            Step::Leave(src, dst, meta) => {
+                finish(&src, &dst, &meta)?;
+                dirs.push((dst, meta));
+            }
+        }
+    }
+    // Directory times last, once nothing more is written in them.
     for (path, meta) in dirs.iter().rev() {
         set_times(path, meta)?;
     }
     Ok(())
 }
 
+/// Copies one entry; for a directory, only makes it and returns its
+/// metadata for the caller to copy its children and then finish it.
 fn copy_entry(
     src: &Path,
     dst: &Path,
     links: &mut HashMap<(u64, u64), PathBuf>,
-    dirs: &mut Vec<(PathBuf, fs::Metadata)>,
-) -> Result<()> {
+) -> Result<Option<fs::Metadata>> {
     let meta = fs::symlink_metadata(src).map_err(io_err(format!("stat {}", src.display())))?;
     let ft = meta.file_type();
     let ctx = |what: &str| format!("{what} {}", dst.display());
     if ft.is_dir() {
         fs::create_dir(dst).map_err(io_err(ctx("creating")))?;
-        for entry in fs::read_dir(src).map_err(io_err(format!("listing {}", src.display())))? {
-            let entry = entry.map_err(io_err(format!("listing {}", src.display())))?;
-            copy_entry(&entry.path(), &dst.join(entry.file_name()), links, dirs)?;
-        }
-        finish(src, dst, &meta)?;
-        dirs.push((dst.to_path_buf(), meta));
-        return Ok(());
+        return Ok(Some(meta));
     }
     if meta.nlink() > 1 && !ft.is_symlink() {
         if let Some(first) = links.get(&(meta.dev(), meta.ino())) {
-            return fs::hard_link(first, dst).map_err(io_err(ctx("linking")));
+            fs::hard_link(first, dst).map_err(io_err(ctx("linking")))?;
+            return Ok(None);
         }
         links.insert((meta.dev(), meta.ino()), dst.to_path_buf());
     }
@@ -92,10 +116,8 @@ fn copy_entry(
         .map_err(|e| io_err(ctx("mknod"))(e.into()))?;
     }
     finish(src, dst, &meta)?;
-    if !ft.is_dir() {
-        set_times(dst, &meta)?;
-    }
-    Ok(())
+    set_times(dst, &meta)?;
+    Ok(None)
 }
 
 /// A reflink when the filesystem has them, else a plain copy.

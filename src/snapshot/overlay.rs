@@ -1,7 +1,7 @@
 //! The overlay backend: `<id>/fs` is a layer's upper directory, `<id>/work`
 //! overlayfs's work directory; parents stack as lower directories.
 
-use super::{Backend, Kind, Result, io_err};
+use super::{Backend, Kind, Result, tree_dir};
 use crate::mount::Mount;
 use std::path::{Path, PathBuf};
 
@@ -96,11 +96,11 @@ impl Backend for Overlay {
     }
 
     fn create(&self, dir: &Path, _parents: &[PathBuf], kind: Kind) -> Result<()> {
-        let fs = dir.join("fs");
-        std::fs::create_dir(&fs).map_err(io_err(format!("creating {}", fs.display())))?;
+        // `fs` is the root of the image's tree, 0755 unless a layer says
+        // otherwise; overlayfs alone uses `work`.
+        tree_dir(&dir.join("fs"), 0o755)?;
         if kind == Kind::Active {
-            let work = dir.join("work");
-            std::fs::create_dir(&work).map_err(io_err(format!("creating {}", work.display())))?;
+            tree_dir(&dir.join("work"), 0o711)?;
         }
         Ok(())
     }

@@ -65,8 +65,10 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 
 impl SnapshotRoot {
     pub fn new(db: Arc<Db>, backend: Box<dyn Backend>) -> Result<Arc<Self>> {
-        let root = db.root().join("snapshots").join(backend.name());
-        std::fs::create_dir_all(&root).map_err(io_err(format!("creating {}", root.display())))?;
+        let snapshots = db.root().join("snapshots");
+        let root = snapshots.join(backend.name());
+        super::private_dir(&snapshots)?;
+        super::private_dir(&root)?;
         Ok(Arc::new(SnapshotRoot { db, backend, root }))
     }
 
@@ -160,7 +162,7 @@ impl SnapshotRoot {
         };
         let doomed = self.root.join(format!("removing-{}", r.id));
         match std::fs::rename(&dir, &doomed) {
-            Ok(()) => std::fs::remove_dir_all(&doomed)
+            Ok(()) => crate::archive::remove_tree(&doomed)
                 .map_err(io_err(format!("removing {}", doomed.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(format!("renaming {}", dir.display()))(e)),
@@ -214,7 +216,7 @@ impl SnapshotRoot {
                 || (name.chars().all(|c| c.is_ascii_digit()) && !ids.contains(&name));
             if orphan {
                 freed += disk_usage(&entry.path()).map(|u| u.size).unwrap_or(0);
-                std::fs::remove_dir_all(entry.path())
+                crate::archive::remove_tree(&entry.path())
                     .map_err(io_err(format!("removing {}", entry.path().display())))?;
             }
         }
@@ -355,14 +357,13 @@ impl Snapshots {
         })?;
         let dir = root.dir(id);
         let tmp = root.root.join(format!("new-{id}"));
-        let built = std::fs::create_dir(&tmp)
-            .map_err(io_err(format!("creating {}", tmp.display())))
+        let built = super::tree_dir(&tmp, crate::root::PRIVATE_DIR_MODE)
             .and_then(|()| root.backend.create(&tmp, &parents, kind))
             .and_then(|()| {
                 std::fs::rename(&tmp, &dir).map_err(io_err(format!("renaming {}", tmp.display())))
             });
         if let Err(e) = built {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = crate::archive::remove_tree(&tmp);
             root.db
                 .transaction(|tx| tx.execute("DELETE FROM snapshots WHERE id = ?1", params![id]))?;
             return Err(e);
@@ -535,8 +536,10 @@ impl Snapshots {
                 }
                 tx.execute("UPDATE snapshots SET parent = ?2 WHERE id = ?1", params![r.id, parent])?;
             }
+            // A committed snapshot is a new object, as in containerd: it is
+            // created (and last updated) now.
             tx.execute(
-                "UPDATE snapshots SET key = ?2, kind = 'Committed', size = ?3, inodes = ?4, updated_at = ?5
+                "UPDATE snapshots SET key = ?2, kind = 'Committed', size = ?3, inodes = ?4, created_at = ?5, updated_at = ?5
                  WHERE id = ?1",
                 params![r.id, name, usage.size as i64, usage.inodes as i64, to_nanos(SystemTime::now())],
             )?;
@@ -551,16 +554,27 @@ impl Snapshots {
         })
     }
 
-    /// Adds snapshot `key` to this handle's lease (if any): a snapshot an
-    /// unpack reuses must not be collected before the image points at it.
-    pub fn hold(&self, key: &str) -> Result<()> {
-        if let Some(lease) = &self.lease {
-            let r = Resource::snapshot(self.root.name(), key);
-            self.root
-                .db
-                .transaction(|tx| add_resource_tx(tx, &self.namespace, lease, &r))?;
-        }
-        Ok(())
+    /// Whether `key` is a committed snapshot, adding it to this handle's
+    /// lease (if any) when it is: an unpack that reuses a snapshot must keep
+    /// it until its image points at it. One step under the mutation guard,
+    /// so a collection runs wholly before it (and the snapshot is gone) or
+    /// wholly after (and sees the lease): GC's mark and sweep never straddle
+    /// it, as they could a look followed by a separate hold.
+    pub fn hold_committed(&self, key: &str) -> Result<bool> {
+        let root = &self.root;
+        let _guard = root.db.mutation_guard();
+        root.db.transaction(|tx| -> Result<bool> {
+            match root.get(tx, &self.namespace, key)? {
+                Some(r) if r.kind == Kind::Committed => {
+                    if let Some(lease) = &self.lease {
+                        let res = Resource::snapshot(root.name(), key);
+                        add_resource_tx(tx, &self.namespace, lease, &res)?;
+                    }
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        })
     }
 
     /// The tree directories of committed snapshot `name` and its ancestors,

@@ -3,6 +3,7 @@
 //! themselves, and an HTTP fault proxy to stand between hoist and the registry.
 #![allow(dead_code)]
 
+pub mod hostile;
 pub mod proxy;
 pub mod trap;
 
@@ -57,7 +58,22 @@ impl Registry {
 
     /// With `Some((user, password))`, the registry demands basic auth
     /// through its own htpasswd configuration.
+    /// A registry whose access log (one combined-format line per request,
+    /// with the client's User-Agent) is kept: see `access_log`.
+    pub fn start_logged() -> Registry {
+        Self::start_inner(None, true)
+    }
+
+    /// The access log of a registry from `start_logged`.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("access.log")).unwrap_or_default()
+    }
+
     pub fn start_with_auth(basic: Option<(&str, &str)>) -> Registry {
+        Self::start_inner(basic, false)
+    }
+
+    fn start_inner(basic: Option<(&str, &str)>, logged: bool) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let storage = dir.path().join("storage");
         let port = free_port();
@@ -76,10 +92,15 @@ impl Registry {
             ));
         }
         std::fs::write(&config, yaml).unwrap();
+        let access = if logged {
+            Stdio::from(std::fs::File::create(dir.path().join("access.log")).unwrap())
+        } else {
+            Stdio::null()
+        };
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
-            .stdout(Stdio::null())
+            .stdout(access)
             .stderr(Stdio::null())
             .spawn()
             .expect("docker-registry must be installed (apt-get install docker-registry)");
