@@ -13,16 +13,45 @@ use tonic::transport::Channel;
 pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
+    /// containerd's snapshots API: each daemon has its own.
+    pub snapshots_socket: PathBuf,
     pub root: PathBuf,
     pub log: PathBuf,
 }
 
+/// What a test daemon is started with beyond its root and socket.
+#[derive(Default)]
+pub struct Options {
+    /// The registry hosts directory (hosts.toml files).
+    pub hosts_dir: Option<PathBuf>,
+    /// containerd's socket, to publish pulls to.
+    pub containerd: Option<PathBuf>,
+}
+
 impl Daemon {
     pub fn start(root: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        Self::start_with(root, socket, &Options::default(), extra)
+    }
+
+    pub fn start_with(root: &Path, socket: &Path, options: &Options, extra: &[&str]) -> Daemon {
         let log = root.with_extension("log");
+        let snapshots_socket = root.with_extension("snapshots.sock");
+        let hosts = options
+            .hosts_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/nonexistent"));
+        // No containerd unless the test brings its own: the machine's
+        // would otherwise be asked.
+        let containerd = options.containerd.clone().unwrap_or_default();
         std::fs::write(
             root.with_extension("toml"),
-            "max_concurrent_downloads = 3\npull_progress_timeout = \"30s\"\nlog_format = \"text\"\n",
+            format!(
+                "max_concurrent_downloads = 3\npull_progress_timeout = \"30s\"\nlog_format = \"text\"\n\
+                 snapshotter_socket = {:?}\n[registry]\nconfig_path = {:?}\n[containerd]\naddress = {:?}\n",
+                snapshots_socket.display().to_string(),
+                hosts.display().to_string(),
+                containerd.display().to_string(),
+            ),
         )
         .unwrap();
         let file = std::fs::OpenOptions::new()
@@ -38,8 +67,6 @@ impl Daemon {
             .arg(root.with_extension("toml"))
             .arg("--socket")
             .arg(socket)
-            .arg("--hosts-dir")
-            .arg("/nonexistent")
             .args(extra)
             .env("HOIST_LOG", "info")
             .stdout(Stdio::null())
@@ -47,7 +74,9 @@ impl Daemon {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        while std::os::unix::net::UnixStream::connect(socket).is_err()
+            || std::os::unix::net::UnixStream::connect(&snapshots_socket).is_err()
+        {
             assert!(
                 Instant::now() < deadline,
                 "daemon did not start: {}",
@@ -58,6 +87,7 @@ impl Daemon {
         Daemon {
             child,
             socket: socket.to_path_buf(),
+            snapshots_socket,
             root: root.to_path_buf(),
             log,
         }
@@ -71,20 +101,7 @@ impl Daemon {
     }
 
     pub async fn client(&self) -> ImageServiceClient<Channel> {
-        let socket = self.socket.clone();
-        let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
-        ImageServiceClient::new(channel)
+        ImageServiceClient::new(hoist::grpc_unix::connect(&self.socket).await.unwrap())
     }
 
     pub fn log(&self) -> String {

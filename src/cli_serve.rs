@@ -31,6 +31,8 @@ pub fn run(cli: Cli) -> Result<()> {
     };
     init_logging(json, "info");
     let root = cli.root.or(file.root.clone()).unwrap_or_else(default_root);
+    // Snapshot paths go to containerd, which mounts them from elsewhere.
+    let root = std::path::absolute(&root).with_context(|| format!("root {}", root.display()))?;
     let socket = socket
         .or(file.socket.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
@@ -38,11 +40,17 @@ pub fn run(cli: Cli) -> Result<()> {
         .or(file.registry.config_path.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_HOSTS_DIR));
     let progress_timeout = file.progress_timeout().map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let _lock = RootLock::exclusive(&root, &socket)?;
     let db = Db::open(&root).with_context(|| format!("opening hoist root {}", root.display()))?;
     let snapshots =
         hoist::snapshot::open(&db, snapshotter.as_deref().or(file.snapshotter.as_deref()))?;
+    let snapshot_proxy = match file.snapshotter_socket() {
+        Some(path) => Some((
+            path,
+            hoist::containerd::snapshots::SnapshotProxy::new(db.clone(), &snapshots)?,
+        )),
+        None => None,
+    };
     let remote = RemoteOptions {
         hosts: HostsConfig::new(Some(hosts_dir), false),
         credentials: CredentialSource {
@@ -59,28 +67,67 @@ pub fn run(cli: Cli) -> Result<()> {
         file.max_concurrent_downloads.unwrap_or(3),
         Some(snapshots.clone()),
     );
-    let service = Service::new(puller, snapshots.clone(), &file.pinned_images)?;
+    let mut service = Service::new(puller, snapshots.clone(), &file.pinned_images)?;
+    let containerd = file
+        .containerd
+        .address
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(hoist::cri::containerd::DEFAULT_ADDRESS));
+    if !containerd.as_os_str().is_empty() {
+        let snapshotter = file.containerd.snapshotter.clone();
+        service = service.with_containerd(hoist::cri::containerd::Containerd::new(
+            containerd,
+            snapshotter.unwrap_or_else(|| hoist::cri::containerd::DEFAULT_SNAPSHOTTER.into()),
+        ));
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(async {
         let listener = server::bind(&socket)?;
-        tracing::info!(root = %root.display(), snapshotter = snapshots.name(), "hoist daemon ready");
-        let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
-        let graceful = {
-            let stopping = stopping.clone();
-            async move { stopping.notified().await }
+        let snapshot_proxy = match snapshot_proxy {
+            Some((path, proxy)) => match server::bind(&path) {
+                Ok(listener) => Some((path, proxy, listener)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&socket);
+                    return Err(e).context("snapshotter_socket");
+                }
+            },
+            None => None,
         };
-        let serving = server::serve(service, listener, &socket, graceful);
+        tracing::info!(root = %root.display(), snapshotter = snapshots.name(), "hoist daemon ready");
+        // Both sockets stop accepting at once.
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let graceful = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        let snapshots_socket = snapshot_proxy.as_ref().map(|(path, ..)| path.clone());
+        let cri = server::serve(
+            server::routes(service),
+            listener,
+            &socket,
+            graceful(stopping.clone()),
+        );
+        let snapshots_api = async {
+            let Some((path, proxy, listener)) = snapshot_proxy else {
+                return Ok(());
+            };
+            let routes = hoist::containerd::snapshots::routes(proxy);
+            server::serve(routes, listener, &path, graceful(stopping)).await
+        };
+        let serving = async { tokio::try_join!(cri, snapshots_api).map(drop) };
         tokio::pin!(serving);
         tokio::select! {
             r = &mut serving => r?,
             () = shutdown_signal() => {
                 // Stop accepting, let quick RPCs finish, then drop the rest:
                 // a cancelled pull keeps its lease and ingests for a resume.
-                stopping.notify_one();
+                let _ = stop.send(true);
                 if tokio::time::timeout(SHUTDOWN_GRACE, &mut serving).await.is_err() {
                     tracing::info!("cancelling in-flight RPCs");
                 }
                 let _ = std::fs::remove_file(&socket);
+                if let Some(path) = &snapshots_socket {
+                    let _ = std::fs::remove_file(path);
+                }
             }
         }
         tracing::info!("stopped");

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 pub const DEFAULT_CONFIG: &str = "/etc/hoist/config.toml";
 pub const DEFAULT_SOCKET: &str = "/run/hoist/hoist.sock";
+pub const DEFAULT_SNAPSHOTTER_SOCKET: &str = "/run/hoist/snapshotter.sock";
 pub const DEFAULT_HOSTS_DIR: &str = "/etc/hoist/certs.d";
 
 #[derive(Debug, thiserror::Error)]
@@ -35,14 +36,31 @@ pub struct Registry {
     pub config_path: Option<PathBuf>,
 }
 
+/// The containerd that runs pods from hoist's images.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Containerd {
+    /// containerd's socket; every CRI pull and removal is published there.
+    /// An empty path turns publishing off.
+    pub address: Option<PathBuf>,
+    /// The name containerd's configuration gives hoist's proxy snapshotter
+    /// (`[proxy_plugins.<name>]`); hoist publishes only to a containerd
+    /// whose CRI unpacks into it.
+    pub snapshotter: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub root: Option<PathBuf>,
     pub socket: Option<PathBuf>,
+    /// Where containerd's snapshots API is served; empty turns it off.
+    pub snapshotter_socket: Option<PathBuf>,
     pub snapshotter: Option<String>,
     #[serde(default)]
     pub registry: Registry,
+    #[serde(default)]
+    pub containerd: Containerd,
     pub max_concurrent_downloads: Option<usize>,
     /// A duration such as `5m` or `90s`.
     pub pull_progress_timeout: Option<String>,
@@ -90,6 +108,16 @@ impl Config {
         }
     }
 
+    /// The socket for containerd's snapshots API, or `None` when the file
+    /// turns it off with an empty path.
+    pub fn snapshotter_socket(&self) -> Option<PathBuf> {
+        match &self.snapshotter_socket {
+            None => Some(PathBuf::from(DEFAULT_SNAPSHOTTER_SOCKET)),
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+        }
+    }
+
     /// How dominant layers are fetched: the defaults, overridden by the file.
     pub fn ranged_fetch(&self) -> crate::remote::RangedFetch {
         let default = crate::remote::RangedFetch::default();
@@ -113,11 +141,16 @@ mod tests {
         std::fs::write(&path, "").unwrap();
         let c = Config::load(&path, true).unwrap();
         assert_eq!(c.progress_timeout().unwrap(), Duration::from_secs(300));
+        assert_eq!(
+            c.snapshotter_socket().as_deref(),
+            Some(Path::new(DEFAULT_SNAPSHOTTER_SOCKET))
+        );
         std::fs::write(
             &path,
             r#"
 root = "/x"
 socket = "/run/x.sock"
+snapshotter_socket = "/run/x-snapshots.sock"
 snapshotter = "native"
 max_concurrent_downloads = 5
 pull_progress_timeout = "90s"
@@ -132,11 +165,20 @@ config_path = "/etc/containerd/certs.d"
         let c = Config::load(&path, true).unwrap();
         assert_eq!(c.progress_timeout().unwrap(), Duration::from_secs(90));
         assert_eq!(c.log_format, Some(LogFormat::Json));
+        assert_eq!(
+            c.snapshotter_socket().as_deref(),
+            Some(Path::new("/run/x-snapshots.sock"))
+        );
         let ranged = c.ranged_fetch();
         assert_eq!((ranged.part_size, ranged.parts_at_once), (8 << 20, 4));
         assert_eq!(
             c.registry.config_path.as_deref(),
             Some(Path::new("/etc/containerd/certs.d"))
+        );
+        std::fs::write(&path, "snapshotter_socket = \"\"").unwrap();
+        assert_eq!(
+            Config::load(&path, true).unwrap().snapshotter_socket(),
+            None
         );
         std::fs::write(&path, "rot = 1").unwrap();
         let err = Config::load(&path, true).unwrap_err().to_string();

@@ -7,12 +7,14 @@
 pub mod any_authority;
 pub mod archive;
 pub mod config;
+pub mod containerd;
 pub mod content;
 pub mod cri;
 pub mod descriptor;
 pub mod diff;
 pub mod digest;
 pub mod filters;
+pub mod grpc_unix;
 pub mod images;
 pub mod metadata;
 pub mod mount;

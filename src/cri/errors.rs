@@ -47,6 +47,24 @@ pub fn content_status(e: &crate::content::Error) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// Snapshot errors with the codes containerd's errdefs give them, which its
+/// snapshot clients branch on (AlreadyExists above all: a remote snapshot).
+pub fn snapshot_status(e: &crate::snapshot::Error) -> Status {
+    use crate::metadata::Error as M;
+    use crate::snapshot::Error as S;
+    let code = match e {
+        S::NotFound(_) | S::Metadata(M::NotFound(_)) => Code::NotFound,
+        S::AlreadyExists(_) | S::Metadata(M::AlreadyExists(_)) => Code::AlreadyExists,
+        S::FailedPrecondition(_) | S::Metadata(M::FailedPrecondition(_)) => {
+            Code::FailedPrecondition
+        }
+        S::InvalidArgument(_) | S::Metadata(M::InvalidArgument(_)) => Code::InvalidArgument,
+        S::Metadata(M::Content(c)) => return content_status(c),
+        _ => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
 /// Failures of the service's own bookkeeping.
 pub fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())

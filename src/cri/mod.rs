@@ -1,6 +1,7 @@
 //! The CRI v1 ImageService: a thin façade over the pull pipeline, image
 //! records and garbage collection, in containerd's `k8s.io` namespace.
 
+pub mod containerd;
 pub mod errors;
 pub mod records;
 pub mod server;
@@ -42,6 +43,8 @@ pub struct Service {
     /// and removal bumps (the daemon holds its root, so only they change
     /// images): a read that raced a change is not kept.
     cache: Arc<GroupCache>,
+    /// Where pulled images are published so that pods can run them.
+    containerd: Option<Arc<containerd::Containerd>>,
 }
 
 impl Service {
@@ -61,7 +64,14 @@ impl Service {
             pinned,
             inflight: Arc::default(),
             cache: Arc::default(),
+            containerd: None,
         })
+    }
+
+    /// Publishes every CRI pull (and removal) to containerd as well.
+    pub fn with_containerd(mut self, containerd: containerd::Containerd) -> Self {
+        self.containerd = Some(Arc::new(containerd));
+        self
     }
 
     async fn blocking<T: Send + 'static>(
@@ -280,6 +290,11 @@ impl ImageService for Service {
                 .map_err(invalid)?
                 .to_string();
             let key = flight_key(&reference, &req.auth);
+            let forwarded = (
+                req.image.clone(),
+                req.auth.clone(),
+                req.sandbox_config.clone(),
+            );
             let credentials = credentials(req.auth)?;
             let puller = self.puller.clone();
             let flight = join_flight(&self.inflight, &self.cache, key, move || async move {
@@ -298,6 +313,9 @@ impl ImageService for Service {
                     .map_err(internal)
             });
             let image_ref = flight.await?;
+            if let (Some(containerd), (Some(spec), auth, sandbox)) = (&self.containerd, forwarded) {
+                containerd.publish(spec, auth, sandbox, &image_ref).await?;
+            }
             Ok(Response::new(PullImageResponse { image_ref }))
         })
         .await
@@ -315,6 +333,11 @@ impl ImageService for Service {
         logged("RemoveImage", &query, async {
             let groups = self.groups().await?;
             if let Some(group) = find(&groups, &query).map_err(|e| ambiguous(&e))?.cloned() {
+                // containerd first: its record goes, and with it (once its
+                // GC runs) its hold on hoist's layers.
+                if let Some(containerd) = &self.containerd {
+                    containerd.remove(std::slice::from_ref(&group.id)).await?;
+                }
                 self.invalidate();
                 self.blocking(move |db| -> Result<(), Status> {
                     for name in &group.names {

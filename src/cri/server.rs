@@ -66,10 +66,12 @@ fn create_private_dirs(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Serves until `shutdown` resolves; in-flight RPCs (and the pulls only
-/// they drive) are dropped then, leaving their ingests to be resumed.
+/// Serves `routes` on `listener` (every socket hoist serves: the CRI
+/// ImageService, containerd's snapshots API) until `shutdown` resolves, then
+/// removes the socket file. In-flight RPCs (and the pulls only they drive)
+/// are dropped then, leaving their ingests to be resumed.
 pub async fn serve(
-    service: Service,
+    routes: tonic::service::Routes,
     listener: tokio::net::UnixListener,
     socket: &Path,
     shutdown: impl Future<Output = ()> + Send,
@@ -77,13 +79,18 @@ pub async fn serve(
     // Any :authority, as grpc-go servers accept: see any_authority.rs.
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
         .map(|conn| conn.map(AnyAuthority::new));
-    tracing::info!(socket = %socket.display(), "serving the CRI ImageService");
+    tracing::info!(socket = %socket.display(), "serving");
     let result = tonic::transport::Server::builder()
-        .add_service(ImageServiceServer::new(service))
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = std::fs::remove_file(socket);
     Ok(result?)
+}
+
+/// The CRI ImageService's routes.
+pub fn routes(service: Service) -> tonic::service::Routes {
+    tonic::service::Routes::new(ImageServiceServer::new(service))
 }
 
 #[cfg(test)]
