@@ -68,7 +68,11 @@ impl Daemon {
             .arg("--socket")
             .arg(socket)
             .args(extra)
-            .env("HOIST_LOG", "info")
+            // HOIST_TEST_LOG=debug puts the daemon's debug lines in its log.
+            .env(
+                "HOIST_LOG",
+                std::env::var("HOIST_TEST_LOG").unwrap_or("info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

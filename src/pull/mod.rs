@@ -27,6 +27,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 use tokio::sync::Semaphore;
 
+impl Error {
+    /// Whether a layer was refused for what it holds (a path too long,
+    /// xattrs beyond what the kernel keeps): applying it again elsewhere
+    /// cannot succeed.
+    pub fn refuses_layer(&self) -> bool {
+        matches!(
+            self,
+            Error::Apply(crate::diff::Error::Archive {
+                source: crate::archive::ArchiveError::Refused { .. },
+                ..
+            })
+        )
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]

@@ -512,6 +512,8 @@ async fn unpack_parallel(
                 streamed += usize::from(committed && live);
                 committed
             }
+            // A layer refused for what it holds fails wherever it applies.
+            Some(Err(e)) if e.refuses_layer() => return Err(e),
             Some(Err(e)) => {
                 // Applied on its own it could not be (a hardlink into a
                 // lower, say): apply it the sequential way, now that its
