@@ -128,7 +128,12 @@ fn a_root_made_by_the_daemon_is_private() {
     let root = dir.path().join("root");
     let socket = dir.path().join("hoist.sock");
     let config = dir.path().join("config.toml");
-    std::fs::write(&config, "log_format = \"text\"\n").unwrap();
+    // Its own sockets only: no containerd, no snapshotter socket in /run.
+    std::fs::write(
+        &config,
+        "log_format = \"text\"\nsnapshotter_socket = \"\"\n[containerd]\naddress = \"\"\n",
+    )
+    .unwrap();
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_hoist"))
         .arg("--root")
         .arg(&root)
