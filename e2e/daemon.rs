@@ -26,6 +26,10 @@ pub struct Options {
     pub hosts_dir: Option<PathBuf>,
     /// containerd's socket, to publish pulls to.
     pub containerd: Option<PathBuf>,
+    /// `host:port` for the metrics listener; none when unset.
+    pub metrics_address: Option<String>,
+    /// The hoist to run instead of the one cargo built for this test.
+    pub binary: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -47,8 +51,10 @@ impl Daemon {
             root.with_extension("toml"),
             format!(
                 "max_concurrent_downloads = 3\npull_progress_timeout = \"30s\"\nlog_format = \"text\"\n\
-                 snapshotter_socket = {:?}\n[registry]\nconfig_path = {:?}\n[containerd]\naddress = {:?}\n",
+                 snapshotter_socket = {:?}\nmetrics_address = {:?}\n\
+                 [registry]\nconfig_path = {:?}\n[containerd]\naddress = {:?}\n",
                 snapshots_socket.display().to_string(),
+                options.metrics_address.clone().unwrap_or_default(),
                 hosts.display().to_string(),
                 containerd.display().to_string(),
             ),
@@ -59,7 +65,11 @@ impl Daemon {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_hoist"))
+        let binary = options
+            .binary
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hoist")));
+        let child = Command::new(binary)
             .arg("--root")
             .arg(root)
             .arg("serve")

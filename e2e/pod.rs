@@ -244,6 +244,7 @@ async fn a_pod_runs_from_hoists_snapshots_as_root() {
     let options = Options {
         hosts_dir: Some(hosts.clone()),
         containerd: Some(ctrd_dir.join("c.sock")),
+        ..Default::default()
     };
     let mut hoist = Daemon::start_with(&root, &socket, &options, &[]);
     let containerd = Containerd::start(

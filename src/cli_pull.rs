@@ -1,17 +1,20 @@
-//! `hoist pull` and `hoist images`: the live progress display and the listing.
+//! `hoist pull` and `hoist images`: the pull (its display is in
+//! `cli_display`), on the root or streamed from the daemon, and the listing.
 
+use crate::cli_display;
 use anyhow::Result;
-use hoist::content::Store;
-use hoist::filters::Filter;
+use hoist::api::PullSummary;
+use hoist::api::ops::ImageSummary;
 use hoist::metadata::Db;
-use hoist::pull::progress::{Entry, Progress, State};
+use hoist::pull::progress::Progress;
 use hoist::pull::{PullOptions, Puller};
 use hoist::remote::{RegistryClient, RemoteOptions};
 use hoist::root::human_size;
-use std::io::{IsTerminal, Write};
+use std::future::Future;
+use std::io::IsTerminal;
 use std::sync::Arc;
-use std::time::Duration;
 
+/// A pull on the root itself.
 pub async fn run(
     db: Arc<Db>,
     namespace: &str,
@@ -21,193 +24,72 @@ pub async fn run(
     max_concurrent_downloads: usize,
     snapshotter: Option<Arc<hoist::snapshot::SnapshotRoot>>,
 ) -> Result<()> {
-    let tty = std::io::stdout().is_terminal();
-    let progress = Arc::new(if tty {
-        Progress::default()
-    } else {
-        Progress::new(Some(Box::new(|e: &Entry| {
-            println!("{}: {}", e.key, e.state.as_str());
-        })))
-    });
     let puller = Puller::new(
         db,
         RegistryClient::new(remote),
         max_concurrent_downloads,
         snapshotter,
     );
-    let display = tty.then(|| {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            let mut lines = 0;
-            loop {
-                lines = draw(&progress, lines, true);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    });
-    let result = puller.pull(namespace, reference, &options, &progress).await;
-    if let Some(d) = display {
-        d.abort();
-        let _ = d.await;
-        draw(&progress, progress.snapshot().len() + 1, false);
+    show(|progress| async move {
+        let pulled = puller
+            .pull(namespace, reference, &options, &progress)
+            .await?;
+        Ok(PullSummary::from(&pulled))
+    })
+    .await
+}
+
+/// Runs `pull`, which reports to the progress it is given (a pull here, or
+/// one the daemon streams), with the display on, then says what it made:
+/// either kind of pull prints the same.
+pub async fn show<F, Fut>(pull: F) -> Result<()>
+where
+    F: FnOnce(Arc<Progress>) -> Fut,
+    Fut: Future<Output = Result<PullSummary>>,
+{
+    let tty = std::io::stdout().is_terminal();
+    let progress = Arc::new(cli_display::new_progress(tty));
+    let live = tty.then(|| cli_display::Live::start(progress.clone()));
+    let result = pull(progress.clone()).await;
+    if let Some(live) = live {
+        live.finish().await;
     }
+    // After a failure too: how long it ran and what it had to fetch.
+    println!("{}", cli_display::summary(&progress));
     let pulled = result?;
-    let elapsed = progress.started().elapsed();
-    // What was fetched or found: every descriptor, not the unpack line.
-    let total: u64 = progress
-        .snapshot()
-        .iter()
-        .filter(|e| !e.key.starts_with("unpack-"))
-        .map(|e| e.total)
-        .sum();
-    println!(
-        "elapsed: {:.1}s\ttotal: {}\t({}/s)",
-        elapsed.as_secs_f64(),
-        human_size(total),
-        human_size((total as f64 / elapsed.as_secs_f64().max(0.001)) as u64)
-    );
-    for m in &pulled.manifests {
-        if let Some(u) = &m.unpacked {
-            let platform = m
-                .platform
-                .clone()
-                .unwrap_or_else(hoist::images::platform::host);
-            let platform = hoist::images::platform_string(&platform);
-            let how = match (u.parallel, u.streamed) {
-                (false, _) => String::new(),
-                (true, 0) => " (layers applied in parallel)".to_string(),
-                (true, n) => format!(
-                    " (layers applied in parallel, {n} of {} as they downloaded)",
-                    u.layers_applied
-                ),
-            };
-            println!(
-                "unpacking {platform} {}...done: {:.1?}{how}",
-                m.manifest.digest, u.duration
-            );
-        }
+    for u in &pulled.unpacked {
+        let how = match (u.parallel, u.streamed) {
+            (false, _) => String::new(),
+            (true, 0) => " (layers applied in parallel)".to_string(),
+            (true, n) => format!(
+                " (layers applied in parallel, {n} of {} as they downloaded)",
+                u.layers_applied
+            ),
+        };
+        println!(
+            "unpacking {} {}...done: {:.1?}{how}",
+            u.platform, u.manifest, u.duration
+        );
     }
-    println!("{} {}", pulled.name, pulled.target.digest);
+    println!("{} {}", pulled.name, pulled.digest);
     Ok(())
 }
 
-/// Redraws the progress table in place, with an `elapsed` line while the
-/// pull runs; returns how many lines it drew.
-fn draw(progress: &Progress, previous_lines: usize, running: bool) -> usize {
-    let entries = progress.snapshot();
-    let mut out = String::new();
-    if previous_lines > 0 {
-        out.push_str(&format!("\x1b[{previous_lines}A"));
-    }
-    for e in &entries {
-        let bar = bar(e);
-        let key = if e.key.len() > 80 {
-            &e.key[..80]
-        } else {
-            &e.key
-        };
-        let sizes = if e.total > 0 {
-            format!("{:>10}/{:<10}", human_size(e.offset), human_size(e.total))
-        } else {
-            String::new()
-        };
-        out.push_str(&format!(
-            "\x1b[2K{key:<80} {:<12}|{bar}| {sizes}\n",
-            e.state.as_str(),
-        ));
-    }
-    if running {
-        out.push_str(&format!(
-            "\x1b[2Kelapsed: {:.1}s\n",
-            progress.started().elapsed().as_secs_f64()
-        ));
-    } else {
-        out.push_str("\x1b[2K");
-    }
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(out.as_bytes());
-    let _ = stdout.flush();
-    entries.len() + usize::from(running)
-}
-
-fn bar(e: &Entry) -> String {
-    const WIDTH: usize = 30;
-    let filled = match e.state {
-        State::Done | State::Exists | State::Resolved => WIDTH,
-        _ if e.total > 0 => ((e.offset.min(e.total) * WIDTH as u64) / e.total) as usize,
-        _ => 0,
-    };
-    format!("{}{}", "+".repeat(filled), "-".repeat(WIDTH - filled))
-}
-
-pub fn list_images(db: &Arc<Db>, namespace: &str, quiet: bool) -> Result<()> {
-    let images = db.list_images(namespace, &Filter::default())?;
+pub fn list_images(images: &[ImageSummary], quiet: bool) {
     if !quiet {
         println!("{:<60}  {:<71}  {:>10}  PLATFORMS", "REF", "DIGEST", "SIZE");
     }
-    let store = db.content_store(namespace);
     for image in images {
         if quiet {
             println!("{}", image.name);
             continue;
         }
-        let (size, platforms) = image_size_and_platforms(&store, &image.target);
         println!(
             "{:<60}  {:<71}  {:>10}  {}",
             image.name,
-            image.target.digest.to_string(),
-            human_size(size),
-            platforms.join(",")
+            image.digest,
+            human_size(image.size),
+            image.platforms.join(",")
         );
-    }
-    Ok(())
-}
-
-/// Size of what is stored for the image (manifests, configs, layers present),
-/// and the platforms its index lists.
-fn image_size_and_platforms(
-    store: &hoist::metadata::ContentStore,
-    target: &hoist::descriptor::Descriptor,
-) -> (u64, Vec<String>) {
-    use hoist::images::{self, Kind};
-    let read = |d: &hoist::descriptor::Descriptor| -> Option<Vec<u8>> {
-        let mut blob = store.reader_at(&d.digest).ok()?;
-        let mut out = Vec::new();
-        std::io::Read::read_to_end(&mut blob, &mut out).ok()?;
-        Some(out)
-    };
-    let present =
-        |d: &hoist::descriptor::Descriptor| store.info(&d.digest).map(|i| i.size).unwrap_or(0);
-    let manifest_size = |d: &hoist::descriptor::Descriptor| -> u64 {
-        let Some(body) = read(d) else { return 0 };
-        let Ok(m) = images::parse_manifest(d, &body) else {
-            return 0;
-        };
-        present(d) + present(&m.config) + m.layers.iter().map(present).sum::<u64>()
-    };
-    match images::kind(target) {
-        Ok(Kind::Index) => {
-            let Some(body) = read(target) else {
-                return (0, Vec::new());
-            };
-            let Ok(index) = images::parse_index(target, &body) else {
-                return (0, Vec::new());
-            };
-            let mut platforms = Vec::new();
-            let mut size = present(target);
-            for m in index
-                .manifests
-                .iter()
-                .filter(|m| !images::is_attestation(m))
-            {
-                if let Some(p) = &m.platform {
-                    platforms.push(images::platform_string(p));
-                }
-                size += manifest_size(m);
-            }
-            (size, platforms)
-        }
-        Ok(Kind::Manifest) => (manifest_size(target), Vec::new()),
-        _ => (present(target), Vec::new()),
     }
 }

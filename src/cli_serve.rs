@@ -39,11 +39,16 @@ pub fn run(cli: Cli) -> Result<()> {
     let hosts_dir = hosts_dir
         .or(file.registry.config_path.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_HOSTS_DIR));
+    // Commands read it from the root lock and connect from anywhere.
+    let socket =
+        std::path::absolute(&socket).with_context(|| format!("socket {}", socket.display()))?;
     let progress_timeout = file.progress_timeout().map_err(anyhow::Error::msg)?;
     let _lock = RootLock::exclusive(&root, &socket)?;
     let db = Db::open(&root).with_context(|| format!("opening hoist root {}", root.display()))?;
     let snapshots =
         hoist::snapshot::open(&db, snapshotter.as_deref().or(file.snapshotter.as_deref()))?;
+    // Before serving, while the root is still; sizes only, so it is quick.
+    hoist::check::log_at_start(&db);
     let snapshot_proxy = match file.snapshotter_socket() {
         Some(path) => Some((
             path,
@@ -61,13 +66,19 @@ pub fn run(cli: Cli) -> Result<()> {
         ranged: file.ranged_fetch(),
         ..Default::default()
     };
+    let metrics = file.metrics_address().map(|a| (a.to_string(), db.clone()));
     let puller = Puller::new(
         db,
         RegistryClient::new(remote),
         file.max_concurrent_downloads.unwrap_or(3),
         Some(snapshots.clone()),
     );
-    let mut service = Service::new(puller, snapshots.clone(), &file.pinned_images)?;
+    // Pulls and image changes, whoever makes them, for `hoist events` and `hoist ps`.
+    let activity = hoist::activity::Activity::new();
+    activity.watch(puller.db());
+    let api = hoist::api::server::Api::new(puller.clone(), activity.clone());
+    let mut service =
+        Service::new(puller, snapshots.clone(), &file.pinned_images)?.with_activity(activity);
     let containerd = file
         .containerd
         .address
@@ -82,6 +93,12 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(async {
+        // Bound first: a bad address fails the start before any socket exists.
+        if let Some((address, db)) = metrics {
+            let listener = hoist::metrics::bind(&address).await?;
+            tracing::info!(address, "serving metrics on /metrics");
+            tokio::spawn(hoist::metrics::serve(listener, db, snapshots.clone()));
+        }
         let listener = server::bind(&socket)?;
         let snapshot_proxy = match snapshot_proxy {
             Some((path, proxy)) => match server::bind(&path) {
@@ -101,7 +118,7 @@ pub fn run(cli: Cli) -> Result<()> {
         };
         let snapshots_socket = snapshot_proxy.as_ref().map(|(path, ..)| path.clone());
         let cri = server::serve(
-            server::routes(service),
+            server::routes(service, api),
             listener,
             &socket,
             graceful(stopping.clone()),

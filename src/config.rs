@@ -72,6 +72,9 @@ pub struct Config {
     #[serde(default)]
     pub pinned_images: Vec<String>,
     pub log_format: Option<LogFormat>,
+    /// `host:port` to serve Prometheus metrics on (`/metrics`); unset or
+    /// empty serves none.
+    pub metrics_address: Option<String>,
 }
 
 impl Config {
@@ -118,6 +121,11 @@ impl Config {
         }
     }
 
+    /// Where to serve metrics, if anywhere.
+    pub fn metrics_address(&self) -> Option<&str> {
+        self.metrics_address.as_deref().filter(|a| !a.is_empty())
+    }
+
     /// How dominant layers are fetched: the defaults, overridden by the file.
     pub fn ranged_fetch(&self) -> crate::remote::RangedFetch {
         let default = crate::remote::RangedFetch::default();
@@ -145,6 +153,7 @@ mod tests {
             c.snapshotter_socket().as_deref(),
             Some(Path::new(DEFAULT_SNAPSHOTTER_SOCKET))
         );
+        assert_eq!(c.metrics_address(), None);
         std::fs::write(
             &path,
             r#"
@@ -157,6 +166,7 @@ pull_progress_timeout = "90s"
 layer_part_size = 8388608
 pinned_images = ["registry.k8s.io/pause:3.10"]
 log_format = "json"
+metrics_address = "127.0.0.1:9464"
 [registry]
 config_path = "/etc/containerd/certs.d"
 "#,
@@ -165,6 +175,7 @@ config_path = "/etc/containerd/certs.d"
         let c = Config::load(&path, true).unwrap();
         assert_eq!(c.progress_timeout().unwrap(), Duration::from_secs(90));
         assert_eq!(c.log_format, Some(LogFormat::Json));
+        assert_eq!(c.metrics_address(), Some("127.0.0.1:9464"));
         assert_eq!(
             c.snapshotter_socket().as_deref(),
             Some(Path::new("/run/x-snapshots.sock"))
@@ -175,11 +186,10 @@ config_path = "/etc/containerd/certs.d"
             c.registry.config_path.as_deref(),
             Some(Path::new("/etc/containerd/certs.d"))
         );
-        std::fs::write(&path, "snapshotter_socket = \"\"").unwrap();
-        assert_eq!(
-            Config::load(&path, true).unwrap().snapshotter_socket(),
-            None
-        );
+        std::fs::write(&path, "snapshotter_socket = \"\"\nmetrics_address = \"\"").unwrap();
+        let c = Config::load(&path, true).unwrap();
+        assert_eq!(c.snapshotter_socket(), None);
+        assert_eq!(c.metrics_address(), None);
         std::fs::write(&path, "rot = 1").unwrap();
         let err = Config::load(&path, true).unwrap_err().to_string();
         assert!(err.contains("config.toml") && err.contains("rot"), "{err}");

@@ -15,9 +15,12 @@ pub enum Error {
     Snapshot(#[from] crate::snapshot::Error),
     #[error(transparent)]
     Image(#[from] images::Error),
-    #[error("applying layer {layer}: {source}")]
+    /// `dir` is the snapshot tree written into, so that a full disk or a
+    /// failing device names the filesystem it is on.
+    #[error("applying layer {layer} into {}: {source}", dir.display())]
     Archive {
         layer: String,
+        dir: std::path::PathBuf,
         #[source]
         source: archive::ArchiveError,
     },
@@ -42,6 +45,7 @@ pub fn apply(
         }
     };
     let (dir, lowers) = snapshots.apply_dirs(key)?;
+    crate::failpoint!("snapshot-apply");
     let whiteouts = match snapshots.overlay_upper() {
         Some(userxattr) => WhiteoutMode::Overlay { userxattr, lowers },
         None => WhiteoutMode::Plain,
@@ -54,6 +58,7 @@ pub fn apply(
     archive::apply_layer(&dir, blob, compression, &ApplyOptions { whiteouts }).map_err(|source| {
         Error::Archive {
             layer: layer.digest.to_string(),
+            dir: dir.clone(),
             source,
         }
     })

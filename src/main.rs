@@ -1,10 +1,10 @@
 //! The `hoist` command line: a thin layer over the library.
 
-use anyhow::{Context, Result};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use hoist::content::Store;
 use hoist::filters::Filter;
-use hoist::metadata::Db;
+use hoist::metadata::NAMESPACE_DEFAULT;
 use hoist::root::{default_root, human_size, validate_namespace};
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -19,9 +19,9 @@ struct Cli {
     /// State directory [default: /var/lib/hoist as root, $XDG_DATA_HOME/hoist otherwise]
     #[arg(long, global = true, env = "HOIST_ROOT")]
     root: Option<PathBuf>,
-    /// Namespace of images and content
-    #[arg(long, short = 'n', global = true, default_value = hoist::metadata::NAMESPACE_DEFAULT, env = "HOIST_NAMESPACE")]
-    namespace: String,
+    /// Namespace of images and content [default: default; events and ps: every namespace]
+    #[arg(long, short = 'n', global = true, env = "HOIST_NAMESPACE")]
+    namespace: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,27 +63,13 @@ enum Command {
         /// overlayfs or native [default: overlayfs where the host supports it]
         #[arg(long)]
         snapshotter: Option<String>,
-        /// Directory of registry host configuration (containerd's hosts.toml layout)
-        #[arg(long, default_value = "/etc/hoist/certs.d")]
-        hosts_dir: PathBuf,
-        /// Use plain HTTP for the registry
-        #[arg(long)]
-        plain_http: bool,
         /// Registry credentials, USER[:PASSWORD]
         #[arg(long, short)]
         user: Option<String>,
-        /// Give up when a download makes no progress for this long
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        progress_timeout: std::time::Duration,
-        /// Downloads that run at once
-        #[arg(long, default_value_t = 3)]
-        max_concurrent_downloads: usize,
-        /// Bytes per range request for a layer that dominates the image, fetched in parallel parts; 0 turns that off
-        #[arg(long, default_value_t = hoist::remote::RangedFetch::default().part_size)]
-        layer_part_size: u64,
-        /// Range requests in flight for such a layer
-        #[arg(long, default_value_t = hoist::remote::RangedFetch::default().parts_at_once)]
-        layer_parts_at_once: usize,
+        // The daemon pulls with its own settings for these (hoist serve's
+        // config), so they apply only on a root no daemon holds.
+        #[command(flatten)]
+        local: LocalPull,
         reference: String,
     },
     /// List images: name, digest, size and platforms
@@ -118,11 +104,66 @@ enum Command {
     },
     /// Remove everything no image, lease or root label keeps alive
     Gc,
+    /// Check the root: every blob re-hashed, rows against files, snapshots,
+    /// images, leases, ingests; exit status 1 when anything is wrong
+    Check {
+        /// Put right what is wrong (removes what cannot be used), then collect garbage
+        #[arg(long)]
+        repair: bool,
+    },
     /// Inspect the content store
     Content {
         #[command(subcommand)]
         command: ContentCommand,
     },
+    /// Follow the daemon's events: images, pulls, garbage collections
+    Events,
+    /// List the daemon's pulls in flight (CRI clients' too)
+    Ps,
+    /// Print this build's version, and the daemon's when one runs
+    Version,
+}
+
+/// Settings of a pull on the root itself.
+#[derive(clap::Args)]
+struct LocalPull {
+    /// Directory of registry host configuration (containerd's hosts.toml layout) [default: /etc/hoist/certs.d]
+    #[arg(long)]
+    hosts_dir: Option<PathBuf>,
+    /// Use plain HTTP for the registry
+    #[arg(long)]
+    plain_http: bool,
+    /// Give up when a download makes no progress for this long [default: 5m]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    progress_timeout: Option<std::time::Duration>,
+    /// Downloads that run at once [default: 3]
+    #[arg(long)]
+    max_concurrent_downloads: Option<usize>,
+    /// Bytes per range request for a layer that dominates the image, fetched in parallel parts; 0 turns that off [default: 4194304]
+    #[arg(long)]
+    layer_part_size: Option<u64>,
+    /// Range requests in flight for such a layer [default: 4]
+    #[arg(long)]
+    layer_parts_at_once: Option<usize>,
+}
+
+impl LocalPull {
+    /// The first flag given, which a pull through the daemon cannot honour.
+    fn given(&self) -> Option<&'static str> {
+        [
+            (self.hosts_dir.is_some(), "--hosts-dir"),
+            (self.plain_http, "--plain-http"),
+            (self.progress_timeout.is_some(), "--progress-timeout"),
+            (
+                self.max_concurrent_downloads.is_some(),
+                "--max-concurrent-downloads",
+            ),
+            (self.layer_part_size.is_some(), "--layer-part-size"),
+            (self.layer_parts_at_once.is_some(), "--layer-parts-at-once"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
 }
 
 #[derive(Subcommand)]
@@ -148,6 +189,10 @@ enum ContentCommand {
     },
 }
 
+mod cli_backend;
+mod cli_check;
+mod cli_daemon;
+mod cli_display;
 mod cli_mount;
 mod cli_pull;
 mod cli_serve;
@@ -189,52 +234,83 @@ fn main() {
     }
 }
 
-/// The error and its causes, skipping a cause its parent's message already
-/// quotes (library errors name their source inline).
+/// The error and its causes, as the daemon words its statuses too.
 fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
+    hoist::error_chain(e.as_ref())
 }
 
 fn run(cli: Cli) -> Result<()> {
-    validate_namespace(&cli.namespace)?;
+    let namespace = cli
+        .namespace
+        .clone()
+        .unwrap_or_else(|| NAMESPACE_DEFAULT.to_string());
+    validate_namespace(&namespace)?;
     let root = cli.root.clone().unwrap_or_else(default_root);
+    // Only a daemon answers these; a namespace given filters them.
+    let only = cli.namespace.as_deref();
+    match cli.command {
+        Command::Version => return cli_daemon::version(&root),
+        Command::Events => return cli_daemon::required(&root, "events")?.events(only),
+        Command::Ps => return cli_daemon::required(&root, "ps")?.ps(only),
+        _ => {}
+    }
     // Collecting garbage takes the root from every other process: another
     // command's blob between its rename and its row, or its snapshot
     // directory before its record, would look like garbage.
-    let _lock = match cli.command {
-        Command::Rmi { .. } | Command::Gc => hoist::root::RootLock::collector(&root)?,
-        _ => hoist::root::RootLock::shared(&root)?,
-    };
-    let db = Db::open(&root).with_context(|| format!("opening hoist root {}", root.display()))?;
+    let collects = matches!(
+        cli.command,
+        Command::Rmi { .. } | Command::Gc | Command::Check { repair: true }
+    );
+    let daemon_answers = matches!(
+        cli.command,
+        Command::Pull { .. }
+            | Command::Images { .. }
+            | Command::Rmi { .. }
+            | Command::Mount { .. }
+            | Command::Unmount { .. }
+            | Command::Gc
+    );
+    let mut backend = cli_backend::Backend::open(&root, collects, daemon_answers)?;
     match cli.command {
-        // Dispatched to cli_serve by main before a root is opened.
-        Command::Serve { .. } => {}
+        // Dispatched before a root is opened.
+        Command::Serve { .. } | Command::Events | Command::Ps | Command::Version => {}
         Command::Pull {
             platforms,
             all_platforms,
             no_unpack,
             sequential_unpack,
             snapshotter,
-            hosts_dir,
-            plain_http,
             user,
-            progress_timeout,
-            max_concurrent_downloads,
-            layer_part_size,
-            layer_parts_at_once,
+            local,
             reference,
         } => {
+            let db = match backend {
+                cli_backend::Backend::Daemon(daemon) => {
+                    if let Some(flag) = local.given() {
+                        bail!(
+                            "{flag} sets up a pull on a root no daemon holds; the daemon pulls with its own settings (hoist serve --config)"
+                        );
+                    }
+                    let credentials = user.as_deref().map(|u| {
+                        let (username, password) = u.split_once(':').unwrap_or((u, ""));
+                        hoist::api::v1::Credentials {
+                            username: username.to_string(),
+                            password: password.to_string(),
+                        }
+                    });
+                    return daemon.pull(hoist::api::v1::PullRequest {
+                        namespace,
+                        reference,
+                        platforms,
+                        all_platforms,
+                        no_unpack,
+                        sequential_unpack,
+                        snapshotter: snapshotter.unwrap_or_default(),
+                        credentials,
+                    });
+                }
+                cli_backend::Backend::Root { ref db, .. } => db.clone(),
+            };
             let options = hoist::pull::PullOptions {
                 platforms: platforms
                     .iter()
@@ -252,76 +328,72 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 Some(hoist::snapshot::open(&db, snapshotter.as_deref())?)
             };
+            let ranged = hoist::remote::RangedFetch::default();
             let remote = hoist::remote::RemoteOptions {
-                hosts: hoist::remote::HostsConfig::new(Some(hosts_dir), plain_http),
+                hosts: hoist::remote::HostsConfig::new(
+                    Some(
+                        local
+                            .hosts_dir
+                            .unwrap_or_else(|| hoist::config::DEFAULT_HOSTS_DIR.into()),
+                    ),
+                    local.plain_http,
+                ),
                 credentials: hoist::remote::CredentialSource {
                     explicit: None,
                     docker_config: docker_config_path(),
                 },
-                progress_timeout,
+                progress_timeout: local
+                    .progress_timeout
+                    .unwrap_or(std::time::Duration::from_secs(300)),
                 ranged: hoist::remote::RangedFetch {
-                    part_size: layer_part_size,
-                    parts_at_once: layer_parts_at_once,
+                    part_size: local.layer_part_size.unwrap_or(ranged.part_size),
+                    parts_at_once: local.layer_parts_at_once.unwrap_or(ranged.parts_at_once),
                 },
                 ..Default::default()
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(cli_pull::run(
                 db,
-                &cli.namespace,
+                &namespace,
                 &reference,
                 options,
                 remote,
-                max_concurrent_downloads,
+                local.max_concurrent_downloads.unwrap_or(3),
                 snapshotter,
             ))?;
         }
-        Command::Images { quiet } => cli_pull::list_images(&db, &cli.namespace, quiet)?,
-        Command::Rmi { references } => {
-            for r in &references {
-                let name = hoist::reference::Reference::parse(r)?.to_string();
-                db.delete_image(&cli.namespace, &name)
-                    .with_context(|| format!("removing {r}"))?;
-                println!("{name}");
-            }
-            let report = hoist::snapshot::garbage_collect(&db)?;
-            eprintln!("freed {}", human_size(report.bytes_freed));
-        }
+        Command::Images { quiet } => backend.images(&namespace, quiet)?,
+        Command::Rmi { references } => backend.rmi(&namespace, &references)?,
         Command::Mount {
             snapshotter,
             allow_suid_dev,
             platform,
             reference,
             dir,
-        } => cli_mount::mount(
-            &db,
-            &cli.namespace,
-            snapshotter.as_deref(),
-            platform.as_deref(),
-            &reference,
-            &dir,
-            allow_suid_dev,
+        } => backend.mount(
+            &namespace,
+            hoist::api::ops::MountOptions {
+                reference,
+                dir,
+                platform,
+                snapshotter,
+                allow_suid_dev,
+            },
         )?,
-        Command::Unmount { dir } => cli_mount::unmount(&db, &cli.namespace, &dir)?,
+        Command::Unmount { dir } => backend.unmount(&namespace, &dir)?,
+        Command::Gc => backend.gc()?,
+        Command::Check { repair } => {
+            if !cli_check::run(backend.db()?, repair)? {
+                std::process::exit(1);
+            }
+        }
         Command::Snapshots {
             command: SnapshotsCommand::Ls { snapshotter },
-        } => cli_mount::list_snapshots(&db, &cli.namespace, snapshotter.as_deref())?,
-        Command::Gc => {
-            let r = hoist::snapshot::garbage_collect(&db)?;
-            println!(
-                "removed {} blobs, {} snapshots, {} ingests, {} leases; freed {} in {:.2?}",
-                r.content_removed,
-                r.snapshots_removed,
-                r.ingests_removed,
-                r.leases_removed,
-                human_size(r.bytes_freed),
-                r.duration
-            );
-        }
+        } => cli_mount::list_snapshots(backend.db()?, &namespace, snapshotter.as_deref())?,
         Command::Content {
             command: ContentCommand::Ls { quiet, filters },
         } => {
-            let store = db.content_store(&cli.namespace);
+            let store = backend.db()?.content_store(&namespace);
             let filter = Filter::parse_all(&filters)?;
             let mut rows = Vec::new();
             store.walk(&filter, &mut |info| {

@@ -279,6 +279,19 @@ impl RootLock {
     }
 }
 
+/// The socket of the daemon that holds `root`, if one does. A root without
+/// a lock file has none, and is not made.
+pub fn daemon_socket(root: &Path) -> Result<Option<PathBuf>, LockError> {
+    if !root.join("hoist.lock").exists() {
+        return Ok(None);
+    }
+    match RootLock::shared(root) {
+        Ok(_) => Ok(None),
+        Err(LockError::HeldByDaemon { socket, .. }) => Ok(Some(PathBuf::from(socket))),
+        Err(e) => Err(e),
+    }
+}
+
 /// `1.5 MiB`, `512 B`: sizes as people read them.
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -318,7 +331,15 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("/run/x.sock"), "{err}");
+        assert_eq!(
+            daemon_socket(dir.path()).unwrap(),
+            Some(PathBuf::from("/run/x.sock"))
+        );
         drop(daemon);
+        assert_eq!(daemon_socket(dir.path()).unwrap(), None);
+        let fresh = dir.path().join("never-made");
+        assert_eq!(daemon_socket(&fresh).unwrap(), None);
+        assert!(!fresh.exists(), "asking makes no root");
         let a = RootLock::shared(dir.path()).unwrap();
         let _b = RootLock::shared(dir.path()).unwrap();
         assert!(RootLock::exclusive(dir.path(), std::path::Path::new("/s")).is_err());

@@ -151,8 +151,10 @@ fn another_processes_writes_survive_gc() {
     assert!(!root.join(BUILDING).exists());
 }
 
+/// Collecting commands never touch a root a daemon holds: they go to its
+/// socket (here a dead one, so they fail naming it).
 #[test]
-fn gc_and_rmi_refuse_a_root_a_daemon_holds() {
+fn gc_and_rmi_leave_a_root_a_daemon_holds_to_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let daemon =
         hoist::root::RootLock::exclusive(dir.path(), Path::new("/run/hoist-test.sock")).unwrap();

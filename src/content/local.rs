@@ -92,9 +92,12 @@ impl LocalStore {
             let Some(digest) = name.to_str().and_then(|n| Digest::from_hex(n).ok()) else {
                 continue;
             };
-            let meta = entry
-                .metadata()
-                .context(|| format!("stat {}", entry.path().display()))?;
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                // Collected since the listing: no longer there to report.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).context(|| format!("stat {}", entry.path().display())),
+            };
             out.push((digest, meta.len()));
         }
         Ok(out)
@@ -389,7 +392,13 @@ impl LocalWriter {
 
 impl Write for LocalWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.data.write(buf)?;
+        crate::failpoint!("ingest-write");
+        // Callers name the ingest; only the writer knows the file, which a
+        // full disk's error must name. The kind (StorageFull) is kept.
+        let n = self.data.write(buf).map_err(|e| {
+            let path = self.dir.join("data");
+            io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+        })?;
         self.digester.update(&buf[..n]);
         self.offset += n as u64;
         Ok(n)
@@ -443,6 +452,7 @@ impl Writer for LocalWriter {
         labels: Labels,
     ) -> Result<Digest> {
         let data_path = self.dir.join("data");
+        crate::failpoint!("ingest-fsync");
         self.data
             .sync_all()
             .context(|| format!("syncing {}", data_path.display()))?;
@@ -474,6 +484,7 @@ impl Writer for LocalWriter {
             .context(|| format!("chmod {}", data_path.display()))?;
         fs::rename(&data_path, &target)
             .context(|| format!("renaming {} to {}", data_path.display(), target.display()))?;
+        crate::failpoint!("ingest-rename");
         sync_dir(&self.blob_dir)?;
         self.discard();
         if !labels.is_empty() {

@@ -49,7 +49,7 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("content database: {0}")]
+    #[error("content database: {}", crate::metadata::describe_db_error(.0))]
     Database(#[from] rusqlite::Error),
 }
 

@@ -65,6 +65,34 @@ pub fn snapshot_status(e: &crate::snapshot::Error) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// A pull's failure as hoist's API reports it: the code CRI gives it, and
+/// the whole error chain as the command line prints it on a bare root.
+pub fn api_pull_status(e: &PullError) -> Status {
+    Status::new(pull_status(e).code(), crate::error_chain(e))
+}
+
+/// The command line's operations (`api::ops`), with the error chain the
+/// command line prints on a bare root as the message.
+pub fn ops_status(e: &crate::api::ops::Error) -> Status {
+    use crate::api::ops::Error as O;
+    let code = match e {
+        O::Reference(_) | O::Platform(_) => Code::InvalidArgument,
+        O::ImageNotFound(_) => Code::NotFound,
+        O::NoLayers(_) | O::NotUnpacked { .. } => Code::FailedPrecondition,
+        O::Metadata(crate::metadata::Error::NotFound(_)) => Code::NotFound,
+        O::Metadata(crate::metadata::Error::InvalidArgument(_)) => Code::InvalidArgument,
+        O::Stored(crate::images::stored::Error::Content(c)) => content_status(c).code(),
+        O::Stored(crate::images::stored::Error::Image(
+            crate::images::Error::NoMatchingPlatform { .. },
+        )) => Code::NotFound,
+        O::Stored(_) => Code::FailedPrecondition,
+        O::Snapshot(s) => snapshot_status(s).code(),
+        O::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
+        O::Metadata(_) | O::Mount(_) | O::Io { .. } => Code::Internal,
+    };
+    Status::new(code, crate::error_chain(e))
+}
+
 /// Failures of the service's own bookkeeping.
 pub fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
@@ -72,6 +100,15 @@ pub fn internal(e: impl std::fmt::Display) -> Status {
 
 pub fn invalid(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
+}
+
+/// Recording a pulled image's names: a removal that overlapped the pull
+/// aborts it (pulling again records it); anything else is internal.
+pub fn record_status(e: &crate::cri::records::Error) -> Status {
+    match e {
+        crate::cri::records::Error::Removed(_) => Status::aborted(e.to_string()),
+        _ => internal(e),
+    }
 }
 
 /// An id prefix that fits several images: the caller has to give more of it.
@@ -118,6 +155,38 @@ mod tests {
         assert_eq!(
             pull_status(&PullError::Reference(bad)).code(),
             Code::InvalidArgument
+        );
+        // hoist's API says what the command line says, with CRI's code.
+        let s = api_pull_status(&PullError::Remote(RemoteError::Unavailable {
+            registry: "r".into(),
+            message: "refused".into(),
+        }));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(
+            !s.message().starts_with("RegistryUnavailable"),
+            "{}",
+            s.message()
+        );
+        use crate::api::ops::Error as O;
+        assert_eq!(
+            ops_status(&O::ImageNotFound("x".into())).code(),
+            Code::NotFound
+        );
+        let s = ops_status(&O::NotUnpacked {
+            name: "x".into(),
+            top: "sha256:t".into(),
+        });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("sha256:t"), "{}", s.message());
+        let s = ops_status(&O::Io {
+            context: "resolving /gone".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(
+            s.message().starts_with("resolving /gone: "),
+            "{}",
+            s.message()
         );
         let s = ambiguous(&crate::cri::records::Ambiguous {
             prefix: "abcdef012345".into(),

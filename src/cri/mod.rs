@@ -6,12 +6,13 @@ pub mod errors;
 pub mod records;
 pub mod server;
 
+use crate::activity::Activity;
 use crate::metadata::{Db, NAMESPACE_CRI};
 use crate::pull::progress::Progress;
 use crate::pull::{PullOptions, Puller};
 use crate::remote::Credentials;
 use crate::snapshot::SnapshotRoot;
-use errors::{ambiguous, internal, invalid, pull_status};
+use errors::{ambiguous, internal, invalid, pull_status, record_status};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use k8s_cri::v1::image_service_server::ImageService;
@@ -25,11 +26,15 @@ use tonic::{Request, Response, Status};
 
 type PullFuture = Shared<BoxFuture<'static, Result<String, Status>>>;
 
+/// Pulls of one PullImage when removals of the image keep overlapping them.
+const PULL_ATTEMPTS: usize = 3;
+
 /// Pulls in flight by [`flight_key`].
 type Flights = Mutex<HashMap<String, PullFuture>>;
 
-/// A generation and the image groups read at it.
-type GroupCache = Mutex<(u64, Option<Arc<Vec<ImageGroup>>>)>;
+/// A generation, the image groups read at it, and the count of image
+/// changes (`Activity::image_changes`) they were read at.
+type GroupCache = Mutex<(u64, Option<Arc<Vec<ImageGroup>>>, u64)>;
 
 pub struct Service {
     puller: Arc<Puller>,
@@ -40,9 +45,11 @@ pub struct Service {
     /// Identical pulls in flight share one.
     inflight: Arc<Flights>,
     /// The image groups as last read, with a generation that every pull
-    /// and removal bumps (the daemon holds its root, so only they change
-    /// images): a read that raced a change is not kept.
+    /// and removal bumps, and the count of image changes of `activity`
+    /// (which hoist's API makes too): a read that raced a change is not kept.
     cache: Arc<GroupCache>,
+    /// Where pulls are listed in flight and announced.
+    activity: Arc<Activity>,
     /// Where pulled images are published so that pods can run them.
     containerd: Option<Arc<containerd::Containerd>>,
 }
@@ -64,8 +71,16 @@ impl Service {
             pinned,
             inflight: Arc::default(),
             cache: Arc::default(),
+            activity: Activity::new(),
             containerd: None,
         })
+    }
+
+    /// Lists pulls in `activity` and reads image changes made elsewhere
+    /// (through the `Db` it watches) from it.
+    pub fn with_activity(mut self, activity: Arc<Activity>) -> Self {
+        self.activity = activity;
+        self
     }
 
     /// Publishes every CRI pull (and removal) to containerd as well.
@@ -85,17 +100,21 @@ impl Service {
     }
 
     async fn groups(&self) -> Result<Arc<Vec<ImageGroup>>, Status> {
+        let changes = self.activity.image_changes();
         let generation = {
             let cache = self.cache.lock();
-            if let Some(g) = &cache.1 {
+            if let Some(g) = &cache.1
+                && cache.2 == changes
+            {
                 return Ok(g.clone());
             }
             cache.0
         };
         let g = Arc::new(self.blocking(groups).await?.map_err(internal)?);
         let mut cache = self.cache.lock();
-        if cache.0 == generation {
+        if cache.0 == generation && self.activity.image_changes() == changes {
             cache.1 = Some(g.clone());
+            cache.2 = changes;
         }
         Ok(g)
     }
@@ -125,6 +144,10 @@ async fn logged<T>(
 ) -> Result<T, Status> {
     let started = Instant::now();
     let result = work.await;
+    let code = result
+        .as_ref()
+        .map_or_else(Status::code, |_| tonic::Code::Ok);
+    crate::metrics::rpc_done(rpc, code, started.elapsed());
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     match &result {
         Ok(_) => tracing::info!(rpc, image, duration_ms = ms, "ok"),
@@ -296,21 +319,33 @@ impl ImageService for Service {
                 req.sandbox_config.clone(),
             );
             let credentials = credentials(req.auth)?;
-            let puller = self.puller.clone();
+            let (puller, activity) = (self.puller.clone(), self.activity.clone());
             let flight = join_flight(&self.inflight, &self.cache, key, move || async move {
                 let options = PullOptions {
                     credentials,
                     ..Default::default()
                 };
-                let pulled = puller
-                    .pull(NAMESPACE_CRI, &reference, &options, &Progress::default())
-                    .await
-                    .map_err(|e| pull_status(&e))?;
-                let db = puller.db().clone();
-                tokio::task::spawn_blocking(move || records::record(&db, &pulled))
-                    .await
-                    .map_err(internal)?
-                    .map_err(internal)
+                // A removal between the pull and its record may have taken
+                // what it fetched: then it pulls again, a few times at most.
+                let mut attempt = 1;
+                loop {
+                    let progress = Arc::new(Progress::default());
+                    let pulled = activity
+                        .pull(&puller, NAMESPACE_CRI, &reference, &options, progress)
+                        .await
+                        .map_err(|e| pull_status(&e))?;
+                    let db = puller.db().clone();
+                    match tokio::task::spawn_blocking(move || records::record(&db, &pulled))
+                        .await
+                        .map_err(internal)?
+                    {
+                        Err(e @ records::Error::Removed(_)) if attempt < PULL_ATTEMPTS => {
+                            tracing::info!(error = %e, attempt, "pulling again");
+                            attempt += 1;
+                        }
+                        recorded => return recorded.map_err(|e| record_status(&e)),
+                    }
+                }
             });
             let image_ref = flight.await?;
             if let (Some(containerd), (Some(spec), auth, sandbox)) = (&self.containerd, forwarded) {
@@ -394,6 +429,42 @@ impl ImageService for Service {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn images_changed_by_another_caller_are_listed_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(dir.path()).expect("db");
+        let snapshots = crate::snapshot::open(&db, Some("native")).expect("snapshots");
+        let client = crate::remote::RegistryClient::new(Default::default());
+        let puller = Puller::new(db.clone(), client, 1, None);
+        let activity = Activity::new();
+        assert!(activity.watch(&db));
+        let service = Service::new(puller, snapshots, &[])
+            .expect("service")
+            .with_activity(activity);
+        let listed = || async {
+            let r = service.list_images(Request::new(ListImagesRequest::default()));
+            r.await.expect("list").into_inner().images.len()
+        };
+        assert_eq!(listed().await, 0);
+        // Recorded as CRI records images, but not by the CRI service: hoist's
+        // API in k8s.io, say. The cached empty list must not hide it.
+        let target = crate::descriptor::Descriptor::new(
+            crate::images::OCI_MANIFEST,
+            crate::digest::Digest::of(b"m"),
+            1,
+        );
+        let mut image = crate::metadata::images::Image::new("docker.io/library/a:1", target);
+        image.labels.insert(
+            records::LABEL_ID.to_string(),
+            crate::digest::Digest::of(b"c").to_string(),
+        );
+        db.put_image(NAMESPACE_CRI, image).expect("image");
+        assert_eq!(listed().await, 1);
+        db.delete_image(NAMESPACE_CRI, "docker.io/library/a:1")
+            .expect("delete");
+        assert_eq!(listed().await, 0);
+    }
 
     #[tokio::test]
     async fn a_panicking_pull_frees_its_key() {

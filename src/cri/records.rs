@@ -6,7 +6,6 @@
 use crate::content::Labels;
 use crate::filters::Filter;
 use crate::images::stored::platform_image;
-use crate::metadata::images::Image as Record;
 use crate::metadata::{Db, NAMESPACE_CRI};
 use crate::pull::Pulled;
 use crate::reference::Reference;
@@ -31,6 +30,10 @@ pub enum Error {
     Snapshot(#[from] crate::snapshot::Error),
     #[error("image {0}: nothing was fetched for this platform")]
     NoManifest(String),
+    /// Removed while it was being pulled: what the pull fetched may be
+    /// collected already, so its names are not recorded.
+    #[error("image {0} was removed while it was being pulled")]
+    Removed(String),
 }
 
 /// Records every name of a pulled image; returns its id (the config digest).
@@ -42,7 +45,16 @@ pub fn record(db: &std::sync::Arc<Db>, pulled: &Pulled) -> Result<String, Error>
     let id = manifest.config.digest.to_string();
     let size = manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
     let store = db.content_store(NAMESPACE_CRI);
-    let config = crate::images::stored::read_all(&store, &manifest.config.digest)?;
+    let removed = || Error::Removed(pulled.name.clone());
+    let config = match crate::images::stored::read_all(&store, &manifest.config.digest) {
+        Ok(config) => config,
+        // Collected since the pull: the image was removed meanwhile.
+        Err(e) => match db.image(NAMESPACE_CRI, &pulled.name) {
+            Ok(image) if image.target.digest == pulled.target.digest => return Err(e.into()),
+            Ok(_) | Err(crate::metadata::Error::NotFound(_)) => return Err(removed()),
+            Err(other) => return Err(other.into()),
+        },
+    };
     let user = crate::images::parse_config(&manifest.config, &config)
         .ok()
         .and_then(|c| c.config)
@@ -62,12 +74,10 @@ pub fn record(db: &std::sync::Arc<Db>, pulled: &Pulled) -> Result<String, Error>
     let by_digest = format!("{}@{}", reference.repository(), pulled.target.digest);
     let mut names = vec![pulled.name.clone(), by_digest, id.clone()];
     names.dedup();
-    for name in names {
-        let mut record = Record::new(name, pulled.target.clone());
-        record.labels = labels.clone();
-        db.put_image(NAMESPACE_CRI, record)?;
+    match db.put_names_while_pulled(NAMESPACE_CRI, &pulled.name, &pulled.target, &names, &labels)? {
+        true => Ok(id),
+        false => Err(removed()),
     }
-    Ok(id)
 }
 
 /// All names of one image id.

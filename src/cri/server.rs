@@ -88,9 +88,13 @@ pub async fn serve(
     Ok(result?)
 }
 
-/// The CRI ImageService's routes.
-pub fn routes(service: Service) -> tonic::service::Routes {
+/// The CRI socket's routes: the CRI ImageService and hoist's own API. tonic
+/// `Routes` hold several services and send each request to the one its path
+/// names (`/runtime.v1.ImageService/…`, `/hoist.v1.Hoist/…`), so both share
+/// the socket, its permissions and its connection layer.
+pub fn routes(service: Service, api: crate::api::server::Api) -> tonic::service::Routes {
     tonic::service::Routes::new(ImageServiceServer::new(service))
+        .add_service(crate::api::server::service(api))
 }
 
 #[cfg(test)]

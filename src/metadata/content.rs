@@ -60,7 +60,7 @@ impl ContentStore {
     }
 
     /// Records `digest` in this namespace; `Ok(false)` when it already was.
-    fn record(&self, digest: &Digest, size: u64, labels: &Labels) -> Result<bool> {
+    pub(crate) fn record(&self, digest: &Digest, size: u64, labels: &Labels) -> Result<bool> {
         self.db.transaction(|tx| {
             let ns = &self.namespace;
             let key = digest.to_string();
@@ -75,6 +75,7 @@ impl ContentStore {
             )?
             .execute(params![ns, key, size as i64, now])?;
             replace_labels(tx, "content_labels", ns, &key, labels)?;
+            crate::failpoint!("content-row");
             Ok(true)
         })
     }
@@ -217,7 +218,18 @@ impl Store for ContentStore {
                 add_resource_tx(tx, &self.namespace, lease, &Resource::ingest(reference))
             })?;
         }
-        let inner = self.db.content.writer(&backend, expected)?;
+        let inner = match (self.db.content.writer(&backend, expected), expected) {
+            (Ok(w), _) => w,
+            // Another namespace committed the blob since the check above:
+            // it is taken in as there, or this namespace would never know it.
+            (Err(Error::AlreadyExists(d)), Some(desc))
+                if self.db.content.blob_size(&desc.digest)? == Some(desc.size) =>
+            {
+                self.record(&desc.digest, desc.size, &Labels::new())?;
+                return Err(Error::AlreadyExists(d));
+            }
+            (Err(e), _) => return Err(e),
+        };
         Ok(Box::new(NamespacedWriter {
             inner,
             store: self.clone(),
@@ -361,6 +373,40 @@ mod tests {
         assert!(b.reader_at(&desc.digest).is_ok());
         b.delete(&desc.digest).unwrap();
         assert_eq!(db.local_content().blob_size(&desc.digest).unwrap(), None);
+    }
+
+    /// Two namespaces writing one blob at once: whichever loses the race
+    /// still has the blob recorded once its write returns.
+    #[test]
+    fn a_blob_written_in_two_namespaces_at_once_is_in_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        // Under leases, as pulls write: the lease's row widens the window.
+        for ns in [NAMESPACE_DEFAULT, "k8s.io"] {
+            db.create_lease(ns, "pull", Labels::new()).unwrap();
+        }
+        for round in 0..200u32 {
+            let data = format!("manifest {round}").into_bytes();
+            let desc = Descriptor::new("x", Digest::of(&data), data.len() as u64);
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let writers: Vec<_> = [NAMESPACE_DEFAULT, "k8s.io"]
+                .into_iter()
+                .map(|ns| {
+                    let store = db.content_store(ns).with_lease("pull");
+                    let (desc, data) = (desc.clone(), data.clone());
+                    let barrier = barrier.clone();
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        crate::content::write_blob(&store, "m", &data[..], &desc, Labels::new())
+                            .and_then(|_| store.info(&desc.digest))
+                            .map(|info| info.size)
+                    })
+                })
+                .collect();
+            for w in writers {
+                assert_eq!(w.join().unwrap().unwrap(), desc.size, "round {round}");
+            }
+        }
     }
 
     #[test]

@@ -68,13 +68,18 @@ enum Node {
     },
 }
 
+/// Whether a label key is `containerd.io/gc.ref.content[.<x>]`.
+pub(crate) fn is_content_ref(key: &str) -> bool {
+    key == LABEL_REF_CONTENT
+        || key
+            .strip_prefix(LABEL_REF_CONTENT)
+            .is_some_and(|s| s.starts_with('.'))
+}
+
 /// The objects `labels` point at.
 fn label_refs(ns: &str, labels: &Labels) -> impl Iterator<Item = Node> {
     labels.iter().filter_map(move |(k, v)| {
-        if k == LABEL_REF_CONTENT
-            || k.strip_prefix(LABEL_REF_CONTENT)
-                .is_some_and(|s| s.starts_with('.'))
-        {
+        if is_content_ref(k) {
             return Some(Node::Content {
                 ns: ns.to_string(),
                 digest: v.clone(),
@@ -119,7 +124,7 @@ impl Db {
             // Expired leases go first, so what they held is no longer a root.
             let now = SystemTime::now();
             for (ns, lease) in all_leases(tx)? {
-                if lease.expires_at().is_some_and(|t| t <= now) {
+                if lease.is_expired(now) {
                     tx.execute(
                         "DELETE FROM leases WHERE namespace = ?1 AND id = ?2",
                         params![ns, lease.id],
@@ -196,6 +201,7 @@ impl Db {
                 }
             }
 
+            crate::failpoint!("gc-mark");
             // Mark.
             let mut marked: HashSet<Node> = HashSet::new();
             while let Some(node) = roots.pop() {
@@ -246,6 +252,7 @@ impl Db {
             }
             Ok((marked, live_ingests))
         })?;
+        crate::failpoint!("gc-sweep");
 
         // Blobs that no namespace records any more (or never did, after a
         // crash between rename and row) are freed.
@@ -312,17 +319,20 @@ impl Db {
         }
 
         report.duration = started.elapsed();
+        crate::metrics::gc_done(report.bytes_freed);
         tracing::info!(?report, "garbage collection done");
+        self.notify(|| super::Change::Collected(report.clone()));
         Ok(report)
     }
 }
 
 /// On disk an ingest ref is `<namespace>/<ref>`; leases hold `(namespace, ref)`.
+pub(crate) fn ingest_owner(ingest: &IngestEntry) -> Option<(&str, &str)> {
+    ingest.reference.split_once('/')
+}
+
 fn ingest_is_held(ingest: &IngestEntry, live: &HashSet<(String, String)>) -> bool {
-    ingest
-        .reference
-        .split_once('/')
-        .is_some_and(|(ns, r)| live.contains(&(ns.to_string(), r.to_string())))
+    ingest_owner(ingest).is_some_and(|(ns, r)| live.contains(&(ns.to_string(), r.to_string())))
 }
 
 #[cfg(test)]

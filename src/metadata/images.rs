@@ -185,9 +185,100 @@ impl Db {
                 _ => {}
             }
             replace_labels(tx, "image_labels", namespace, &image.name, &image.labels)?;
+            crate::failpoint!("image-record");
             Ok(())
         })?;
-        self.image(namespace, &image.name)
+        let (ns, name, target) = (namespace.to_string(), image.name, image.target.digest);
+        self.notify(|| {
+            let name = name.clone();
+            if update {
+                super::Change::ImageUpdated {
+                    namespace: ns,
+                    name,
+                    target,
+                }
+            } else {
+                super::Change::ImageCreated {
+                    namespace: ns,
+                    name,
+                    target,
+                }
+            }
+        });
+        self.image(namespace, &name)
+    }
+
+    /// Points every name of `names` at `target`, with `labels`, in one
+    /// transaction, provided `pulled` still points at `target`: a pull's
+    /// image may be removed, and its content collected, between the pull
+    /// and a caller's recording of more names, which would then point at
+    /// nothing. `Ok(false)`, recording nothing, when it was removed.
+    pub fn put_names_while_pulled(
+        &self,
+        namespace: &str,
+        pulled: &str,
+        target: &Descriptor,
+        names: &[String],
+        labels: &Labels,
+    ) -> Result<bool> {
+        let _guard = self.mutation_guard();
+        let now = to_nanos(SystemTime::now());
+        let digest = target.digest.to_string();
+        let written = self.transaction(|tx| -> Result<Option<Vec<(String, bool)>>> {
+            let still = super::exists(
+                tx,
+                "SELECT 1 FROM images WHERE namespace = ?1 AND name = ?2 AND digest = ?3",
+                params![namespace, pulled, digest],
+            )?;
+            if !still {
+                return Ok(None);
+            }
+            let mut written = Vec::new();
+            for name in names {
+                let existed = super::exists(
+                    tx,
+                    "SELECT 1 FROM images WHERE namespace = ?1 AND name = ?2",
+                    params![namespace, name],
+                )?;
+                tx.prepare_cached(
+                    "INSERT INTO images
+                     (namespace, name, media_type, digest, size, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                     ON CONFLICT (namespace, name) DO UPDATE SET media_type = excluded.media_type,
+                     digest = excluded.digest, size = excluded.size, updated_at = excluded.updated_at",
+                )?
+                .execute(params![
+                    namespace,
+                    name,
+                    target.media_type,
+                    digest,
+                    target.size as i64,
+                    now
+                ])?;
+                replace_labels(tx, "image_labels", namespace, name, labels)?;
+                written.push((name.clone(), existed));
+            }
+            Ok(Some(written))
+        })?;
+        let Some(written) = written else {
+            return Ok(false);
+        };
+        for (name, existed) in written {
+            let (namespace, target) = (namespace.to_string(), target.digest.clone());
+            self.notify(|| match existed {
+                true => super::Change::ImageUpdated {
+                    namespace,
+                    name,
+                    target,
+                },
+                false => super::Change::ImageCreated {
+                    namespace,
+                    name,
+                    target,
+                },
+            });
+        }
+        Ok(true)
     }
 
     /// Removes an image name; its content stays until garbage collection.
@@ -199,6 +290,10 @@ impl Db {
         if n == 0 {
             return Err(Error::NotFound(format!("image {name:?}")));
         }
+        self.notify(|| super::Change::ImageRemoved {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        });
         Ok(())
     }
 }
@@ -258,6 +353,35 @@ mod tests {
         assert_eq!(labels.get("w0").map(String::as_str), Some("299"));
         assert_eq!(labels.get("w1").map(String::as_str), Some("299"));
         assert_eq!(db.list_images(NS, &Default::default()).unwrap().len(), 10);
+    }
+
+    /// Names recorded after a pull point where the pull's name does, or
+    /// nowhere once that name is gone (its content may be collected).
+    #[test]
+    fn names_are_put_only_while_the_pulled_name_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let t = target(b"m1");
+        let names = ["a:1".to_string(), "a@x".to_string(), "id".to_string()];
+        let labels: Labels = [("k".to_string(), "v".to_string())].into();
+        assert!(
+            !db.put_names_while_pulled(NS, "a:1", &t, &names, &labels)
+                .unwrap()
+        );
+        assert!(db.list_images(NS, &Filter::default()).unwrap().is_empty());
+        db.create_image(NS, Image::new("a:1", t.clone())).unwrap();
+        // Pointing elsewhere is as good as gone.
+        assert!(
+            !db.put_names_while_pulled(NS, "a:1", &target(b"m2"), &names, &labels)
+                .unwrap()
+        );
+        assert!(
+            db.put_names_while_pulled(NS, "a:1", &t, &names, &labels)
+                .unwrap()
+        );
+        let images = db.list_images(NS, &Filter::default()).unwrap();
+        assert_eq!(images.len(), 3);
+        assert!(images.iter().all(|i| i.target == t && i.labels == labels));
     }
 
     #[test]

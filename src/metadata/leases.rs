@@ -29,6 +29,11 @@ impl Lease {
             }
         }
     }
+
+    /// Whether the lease has stopped holding anything by `now`.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expires_at().is_some_and(|t| t <= now)
+    }
 }
 
 /// Something a lease holds. `kind` is `content`, `ingests` or
@@ -144,6 +149,7 @@ impl Db {
 
     /// Deletes a lease; what it held is left to the next garbage collection.
     pub fn delete_lease(&self, namespace: &str, id: &str) -> Result<()> {
+        crate::failpoint!("lease-release");
         let n = self.transaction(|tx| {
             tx.prepare_cached("DELETE FROM leases WHERE namespace = ?1 AND id = ?2")?
                 .execute(params![namespace, id])

@@ -41,7 +41,7 @@ pub enum Error {
     FailedPrecondition(String),
     #[error(transparent)]
     Content(#[from] crate::content::Error),
-    #[error("metadata database: {0}")]
+    #[error("metadata database: {}", describe_db_error(.0))]
     Database(#[from] rusqlite::Error),
     #[error("{context}: {source}")]
     Io {
@@ -64,7 +64,32 @@ pub struct Db {
     gc_lock: RwLock<()>,
     content: LocalStore,
     root: PathBuf,
+    watcher: std::sync::OnceLock<Watcher>,
 }
+
+/// A change made through this `Db`, as its [`Watcher`] hears of it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    ImageCreated {
+        namespace: String,
+        name: String,
+        target: crate::digest::Digest,
+    },
+    ImageUpdated {
+        namespace: String,
+        name: String,
+        target: crate::digest::Digest,
+    },
+    ImageRemoved {
+        namespace: String,
+        name: String,
+    },
+    Collected(gc::GcReport),
+}
+
+/// Called after each change is committed, on the thread that made it: the
+/// daemon's event bus, which must not block.
+pub type Watcher = Box<dyn Fn(Change) + Send + Sync>;
 
 impl Db {
     /// Opens the database and content store under `root`, migrating the schema.
@@ -95,7 +120,20 @@ impl Db {
             gc_lock: RwLock::new(()),
             content,
             root: root.to_path_buf(),
+            watcher: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Tells `watcher` of every change from now on (one watcher per `Db`;
+    /// false when one is set already).
+    pub fn watch(&self, watcher: Watcher) -> bool {
+        self.watcher.set(watcher).is_ok()
+    }
+
+    pub(crate) fn notify(&self, change: impl FnOnce() -> Change) {
+        if let Some(w) = self.watcher.get() {
+            w(change());
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -130,6 +168,23 @@ impl Db {
     /// Holds off garbage collection while an operation makes new objects visible.
     pub(crate) fn mutation_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
         self.gc_lock.read()
+    }
+
+    /// What garbage collection holds while it runs: no operation in this
+    /// process makes objects visible meanwhile (`hoist check --repair`).
+    pub(crate) fn collection_guard(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.gc_lock.write()
+    }
+}
+
+/// A database error as a message, a full disk said as one: SQLite calls
+/// it "database or disk is full".
+pub fn describe_db_error(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
+            format!("No space left on device writing meta.db ({e})")
+        }
+        _ => e.to_string(),
     }
 }
 

@@ -22,6 +22,7 @@ use reqwest::{Response, StatusCode};
 use std::io::Write;
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 enum Command {
@@ -64,6 +65,8 @@ pub struct BlobFetch<'a> {
     /// Fetch in parallel parts (`RemoteOptions::ranged`), when the registry
     /// honours ranges.
     pub ranged: bool,
+    /// Where the bytes downloaded are counted, for the pull's metrics.
+    pub fetched: &'a AtomicU64,
 }
 
 /// Where downloaded bytes go, in order: the ingest, the feed, the progress.
@@ -73,11 +76,14 @@ struct Sink<'a> {
     offset: u64,
     key: &'a str,
     progress: &'a Progress,
+    fetched: &'a AtomicU64,
 }
 
 impl Sink<'_> {
     async fn deliver(&mut self, chunk: Bytes) -> Result<(), Stop> {
         self.offset += chunk.len() as u64;
+        self.fetched
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
         if let Some(feed) = &self.feed {
             // An apply that has gone (it failed) no longer wants the bytes;
             // the blob still has to reach the store.
@@ -128,6 +134,7 @@ impl BlobFetch<'_> {
             offset,
             key,
             progress,
+            fetched: self.fetched,
         };
         let ranged = self.repo.options().ranged;
         let downloaded = if self.ranged && offset == 0 {
@@ -377,6 +384,7 @@ async fn download_range(
             Some(r) => r,
             None => repo.blob(desc, from..range.end).await?,
         };
+        let from_host = crate::metrics::fetched_from(response.url());
         // Bytes of a whole-blob answer that come before the ones wanted; its
         // bytes after them are never read.
         let mut skip = 0;
@@ -406,6 +414,7 @@ async fn download_range(
                     )));
                 }
                 Ok(Ok(Some(mut chunk))) => {
+                    from_host.inc_by(chunk.len() as u64);
                     if skip > 0 {
                         let n = skip.min(chunk.len() as u64);
                         let _ = chunk.split_to(n as usize);

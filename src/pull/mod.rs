@@ -40,6 +40,29 @@ impl Error {
             })
         )
     }
+
+    /// Whether the pull failed for want of disk space (or quota), in a
+    /// file or in the database: freeing space and pulling again can finish it.
+    pub fn is_out_of_space(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && (matches!(
+                    io.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) || matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+            {
+                return true;
+            }
+            if let Some(rusqlite::Error::SqliteFailure(f, _)) = e.downcast_ref::<rusqlite::Error>()
+                && f.code == rusqlite::ErrorCode::DiskFull
+            {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -145,6 +168,26 @@ impl Puller {
         options: &PullOptions,
         progress: &Progress,
     ) -> Result<Pulled> {
+        let timer = crate::metrics::pull_started();
+        let pulled = self
+            .pull_counted(namespace, reference, options, progress, timer.bytes())
+            .await;
+        let outcome = pulled
+            .as_ref()
+            .map_or_else(crate::metrics::pull_outcome, |_| "success");
+        timer.finish(outcome);
+        pulled
+    }
+
+    /// [`Puller::pull`], adding the bytes it fetches to `fetched`.
+    async fn pull_counted(
+        self: &Arc<Self>,
+        namespace: &str,
+        reference: &str,
+        options: &PullOptions,
+        progress: &Progress,
+        fetched: &AtomicU64,
+    ) -> Result<Pulled> {
         let reference = Reference::parse(reference)?;
         let name = reference.to_string();
         let repo = self
@@ -152,6 +195,7 @@ impl Puller {
             .repository(&reference, options.credentials.as_ref())?;
         progress.set(&name, State::Resolving, 0);
         let target = repo.resolve(&reference).await?;
+        fetched.fetch_add(target.size, Ordering::Relaxed);
         progress.set(&name, State::Resolved, 0);
         tracing::info!(image = %name, digest = %target.digest, "resolved");
 
@@ -178,6 +222,7 @@ impl Puller {
             snapshots: snapshots.as_ref(),
             options,
             progress,
+            fetched,
         };
         let outcome = async {
             let manifests = job.fetch_root(&target).await?;
@@ -187,7 +232,7 @@ impl Puller {
                 Image::new(name.clone(), target.clone()),
             );
             blocking(move || record_image(&db, &ns, image)).await??;
-            Ok(Pulled {
+            Ok::<_, Error>(Pulled {
                 name: name.clone(),
                 target: target.clone(),
                 manifests,
@@ -196,7 +241,16 @@ impl Puller {
         .await;
         // Success or failure, the pull's hold ends here; after a failure GC
         // removes what it fetched. (A cancelled pull never gets here, and its
-        // lease keeps the ingests until it expires, for a resume.)
+        // lease keeps the ingests until it expires, for a resume.) A pull
+        // that ran out of disk space keeps its lease as a cancelled one does:
+        // once space is freed, pulling again resumes its partial downloads
+        // and reuses the blobs it stored.
+        if let Err(e) = &outcome
+            && e.is_out_of_space()
+        {
+            tracing::warn!(%lease, "out of disk space: the pull's downloads stay for a retry until its lease expires");
+            return outcome;
+        }
         let db = self.db.clone();
         let ns = namespace.to_string();
         match blocking(move || db.delete_lease(&ns, &lease)).await {
@@ -254,6 +308,8 @@ struct Job<'a> {
     snapshots: Option<&'a Snapshots>,
     options: &'a PullOptions,
     progress: &'a Progress,
+    /// Bytes this pull fetched from registries.
+    fetched: &'a AtomicU64,
 }
 
 /// A manifest picked from an index, and the platforms it was picked for.
@@ -480,6 +536,7 @@ impl Job<'_> {
         }
         self.progress.set(&key, State::Downloading, desc.size);
         let body = self.repo.fetch_manifest(desc).await?;
+        self.fetched.fetch_add(body.len() as u64, Ordering::Relaxed);
         self.progress.set(&key, State::Done, desc.size);
         Ok(body.to_vec())
     }
@@ -529,6 +586,7 @@ impl Job<'_> {
             downloads: &self.puller.downloads,
             feed,
             ranged: in_parts,
+            fetched: self.fetched,
         }
         .run()
         .await?;

@@ -47,6 +47,8 @@ pub struct Progress {
     entries: Mutex<Vec<Entry>>,
     /// Called on every state change, for line-by-line output without a terminal.
     on_change: Option<OnChange>,
+    /// Called after every `set`, changed or not: see [`Progress::observed`].
+    on_set: Option<OnChange>,
 }
 
 impl Default for Progress {
@@ -61,6 +63,29 @@ impl Progress {
             started: Instant::now(),
             entries: Mutex::new(Vec::new()),
             on_change,
+            on_set: None,
+        }
+    }
+
+    /// A progress that calls `on_set` with the entry after every `set`,
+    /// changed or not, in order: a copy in another process that [`replay`]s
+    /// them (and `advance`s offsets) goes through the same state changes,
+    /// so its `on_change` prints what this one's would.
+    ///
+    /// [`replay`]: Progress::replay
+    pub fn observed(on_set: OnChange) -> Self {
+        Progress {
+            on_set: Some(on_set),
+            ..Progress::default()
+        }
+    }
+
+    /// Repeats a `set` that an [`observed`](Progress::observed) progress
+    /// reported: its state and total as `set` does, then its offset.
+    pub fn replay(&self, e: &Entry) {
+        self.set(&e.key, e.state, e.total);
+        if let Some(mine) = self.entries.lock().iter_mut().find(|m| m.key == e.key) {
+            mine.offset = e.offset;
         }
     }
 
@@ -90,6 +115,9 @@ impl Progress {
             entry.offset = total;
         }
         if changed && let Some(f) = &self.on_change {
+            f(entry);
+        }
+        if let Some(f) = &self.on_set {
             f(entry);
         }
     }

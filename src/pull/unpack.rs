@@ -230,6 +230,7 @@ pub async fn unpack(
         arrivals.wait(i).await?;
     }
     for layer in &all {
+        crate::failpoint!("label-uncompressed");
         let (st, digest, diff) = (
             store.clone(),
             layer.desc.digest.clone(),
@@ -244,6 +245,7 @@ pub async fn unpack(
         })
         .await??;
     }
+    crate::failpoint!("label-gc-snapshot");
     let (st, digest) = (store.clone(), config.digest.clone());
     let label = (
         format!("containerd.io/gc.ref.snapshot.{}", snapshots.name()),
@@ -287,6 +289,7 @@ fn prepare_and_apply(
     source: Source,
 ) -> Result<Applied> {
     s.prepare(key, parent, Labels::new())?;
+    let started = Instant::now();
     let applied = match source {
         Source::Store => store
             .reader_at(&layer.desc.digest)
@@ -299,6 +302,7 @@ fn prepare_and_apply(
     };
     let result = applied.map_err(Error::from).and_then(|applied| {
         if applied.diff_id == layer.diff_id {
+            crate::metrics::layer_applied(applied.uncompressed_size, started.elapsed());
             Ok(applied)
         } else {
             Err(Error::Image(images::Error::Invalid {
@@ -330,6 +334,7 @@ fn commit(s: &Snapshots, layer: &Layer, key: &str, rebase: Option<&Applied>) -> 
             crate::archive::adopt_lower_metadata(&fs, &applied.implicit_dirs, lowers, userxattr)
                 .map_err(|source| crate::diff::Error::Archive {
                     layer: layer.desc.digest.to_string(),
+                    dir: fs.clone(),
                     source,
                 })?;
             Ok::<_, Error>(())
@@ -356,6 +361,15 @@ fn commit(s: &Snapshots, layer: &Layer, key: &str, rebase: Option<&Applied>) -> 
 }
 
 fn remove_quietly(s: &Snapshots, key: &str) {
+    // The failed apply's files go first: on a full disk they are the room
+    // the database needs to record the removal.
+    if let Ok((fs, _)) = s.apply_dirs(key)
+        && let Ok(entries) = std::fs::read_dir(&fs)
+    {
+        for entry in entries.flatten() {
+            let _ = crate::archive::remove_tree(&entry.path());
+        }
+    }
     if let Err(e) = s.remove(key) {
         tracing::warn!(key, error = %e, "could not remove an active snapshot");
     }
@@ -512,8 +526,9 @@ async fn unpack_parallel(
                 streamed += usize::from(committed && live);
                 committed
             }
-            // A layer refused for what it holds fails wherever it applies.
-            Some(Err(e)) if e.refuses_layer() => return Err(e),
+            // A layer refused for what it holds fails wherever it applies,
+            // and one that filled the disk would fill it again.
+            Some(Err(e)) if e.refuses_layer() || e.is_out_of_space() => return Err(e),
             Some(Err(e)) => {
                 // Applied on its own it could not be (a hardlink into a
                 // lower, say): apply it the sequential way, now that its

@@ -175,6 +175,12 @@ impl CredentialSource {
 struct DockerConfig {
     #[serde(default)]
     auths: HashMap<String, DockerAuth>,
+    /// Registry -> helper name, ahead of `credsStore`.
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: HashMap<String, String>,
+    /// The helper for every registry without one of its own.
+    #[serde(default, rename = "credsStore")]
+    creds_store: String,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -191,8 +197,25 @@ struct DockerAuth {
     registrytoken: String,
 }
 
-/// Finds `host` in a docker `config.json` (`auths`); a missing file means none.
+/// The server address docker stores Docker Hub's credentials under.
+const DOCKER_HUB_SERVER: &str = "https://index.docker.io/v1/";
+
+/// Finds `host` in a docker `config.json` as the docker CLI does: its
+/// credential helper (`credHelpers`, else `credsStore`), then `auths`; a
+/// missing file means none. May run a helper: blocking.
 pub fn docker_config_lookup(path: &std::path::Path, host: &str) -> Result<Credentials> {
+    // Found through PATH, as docker finds them.
+    lookup_with_helpers(path, host, &|name| {
+        PathBuf::from(format!("docker-credential-{name}"))
+    })
+}
+
+/// [`docker_config_lookup`] with `helper` naming the program of a helper.
+fn lookup_with_helpers(
+    path: &std::path::Path,
+    host: &str,
+    helper: &dyn Fn(&str) -> PathBuf,
+) -> Result<Credentials> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Credentials::Anonymous),
@@ -206,13 +229,34 @@ pub fn docker_config_lookup(path: &std::path::Path, host: &str) -> Result<Creden
     let config: DockerConfig = serde_json::from_str(&text)
         .map_err(|e| Error::Credentials(format!("parsing {}: {e}", path.display())))?;
     let docker_hub = ["docker.io", "registry-1.docker.io", "index.docker.io"].contains(&host);
-    let entry = config.auths.iter().find(|(key, _)| {
+    let matches = |key: &str| {
         let key = key
             .trim_start_matches("https://")
             .trim_start_matches("http://");
         let key = key.split('/').next().unwrap_or(key);
         key == host || (docker_hub && (key == "index.docker.io" || key == "docker.io"))
-    });
+    };
+    // A registry's own entry wins, even an empty one (the file, then).
+    let name = match config.cred_helpers.iter().find(|(key, _)| matches(key)) {
+        Some((_, name)) => name.as_str(),
+        None => config.creds_store.as_str(),
+    };
+    if !name.is_empty() {
+        // A name is a suffix of a program found through PATH, not a path.
+        if name.contains('/') {
+            return Err(Error::Credentials(format!(
+                "{}: credential helper name {name:?}",
+                path.display()
+            )));
+        }
+        let server = if docker_hub { DOCKER_HUB_SERVER } else { host };
+        let found = super::credential_helper::get(&helper(name), server)?;
+        // Nothing there: docker falls back to the file's own entry too.
+        if found != Credentials::Anonymous {
+            return Ok(found);
+        }
+    }
+    let entry = config.auths.iter().find(|(key, _)| matches(key));
     match entry {
         Some((_, a)) => Credentials::from_fields(
             &a.username,
@@ -616,6 +660,66 @@ mod tests {
         std::fs::write(&path, "{not json").unwrap();
         let err = docker_config_lookup(&path, "quay.io").unwrap_err();
         assert!(err.to_string().contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn docker_config_credential_helpers() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Each helper answers with its own name as the user, and records
+        // the server it was asked about.
+        for name in ["ecr", "store"] {
+            let program = dir.path().join(format!("docker-credential-{name}"));
+            let asked = dir.path().join(format!("{name}.asked"));
+            std::fs::write(
+                &program,
+                format!(
+                    "#!/bin/sh\nread -r server\nprintf %s \"$server\" > {}\n\
+                     case \"$server\" in none.example) echo 'credentials not found in native keychain'; exit 1;; esac\n\
+                     echo '{{\"ServerURL\":\"x\",\"Username\":\"{name}\",\"Secret\":\"pw\"}}'\n",
+                    asked.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let helpers = |name: &str| dir.path().join(format!("docker-credential-{name}"));
+        let asked = |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.asked")));
+        let path = dir.path().join("config.json");
+        let auth = BASE64.encode("carol:filed");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"credHelpers": {{"ecr.example:5000": "ecr"}}, "credsStore": "store",
+                     "auths": {{"none.example": {{"auth": "{auth}"}}}}}}"#
+            ),
+        )
+        .unwrap();
+        let user = |host: &str| match lookup_with_helpers(&path, host, &helpers).unwrap() {
+            Credentials::Basic { username, .. } => username,
+            other => panic!("{host}: {other:?}"),
+        };
+        // credHelpers for its registry, credsStore for the rest.
+        assert_eq!(user("ecr.example:5000"), "ecr");
+        assert_eq!(asked("ecr").unwrap(), "ecr.example:5000");
+        assert_eq!(user("quay.io"), "store");
+        assert_eq!(asked("store").unwrap(), "quay.io");
+        // Docker Hub is asked for under the address docker stores it at.
+        assert_eq!(user("registry-1.docker.io"), "store");
+        assert_eq!(asked("store").unwrap(), DOCKER_HUB_SERVER);
+        // Nothing in the helper: the file's own entry.
+        assert_eq!(user("none.example"), "carol");
+
+        // A helper that is not there is an error that names it.
+        std::fs::write(&path, r#"{"credsStore": "absent"}"#).unwrap();
+        let err = lookup_with_helpers(&path, "quay.io", &helpers).unwrap_err();
+        assert!(
+            err.to_string().contains("docker-credential-absent"),
+            "{err}"
+        );
+        // A helper name is never a path.
+        std::fs::write(&path, r#"{"credsStore": "../../bin/sh"}"#).unwrap();
+        assert!(lookup_with_helpers(&path, "quay.io", &helpers).is_err());
     }
 
     #[test]

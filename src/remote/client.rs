@@ -188,6 +188,7 @@ impl RegistryClient {
         {
             return Ok(c.client.clone());
         }
+        super::install_tls_provider();
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(30))
             .user_agent(concat!("hoist/", env!("CARGO_PKG_VERSION")));
@@ -641,10 +642,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 async fn read_limited(mut response: Response, what: &str, registry: &str) -> Result<Vec<u8>> {
     let mut body = Vec::new();
+    let from_host = crate::metrics::fetched_from(response.url());
     while let Some(chunk) = response.chunk().await.map_err(|e| Error::Unavailable {
         registry: registry.to_string(),
         message: format!("{what}: {}", error_chain(&e)),
     })? {
+        from_host.inc_by(chunk.len() as u64);
         body.extend_from_slice(&chunk);
         if body.len() as u64 > MAX_MANIFEST_SIZE {
             return Err(Error::Protocol {

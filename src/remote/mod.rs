@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod credential_helper;
 pub mod hosts;
 
 pub use auth::{CredentialSource, Credentials, Secret};
@@ -17,6 +18,17 @@ pub use hosts::{HostsConfig, HostsError, RegistryHost};
 use std::time::Duration;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Makes ring the process's rustls provider, once, before any HTTP client
+/// is built: reqwest is built without a provider of its own (its default,
+/// aws-lc-rs, is a large C build) and would panic without one. A provider
+/// the process installed earlier stays.
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

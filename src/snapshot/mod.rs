@@ -39,7 +39,7 @@ pub enum Error {
     },
     #[error(transparent)]
     Metadata(#[from] crate::metadata::Error),
-    #[error("snapshot database: {0}")]
+    #[error("snapshot database: {}", crate::metadata::describe_db_error(.0))]
     Database(#[from] rusqlite::Error),
     #[error(transparent)]
     Mount(#[from] crate::mount::Error),

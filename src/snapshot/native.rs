@@ -18,6 +18,7 @@ impl Backend for Native {
     }
 
     fn create(&self, dir: &Path, parents: &[PathBuf], _kind: Kind) -> Result<()> {
+        crate::failpoint!("snapshot-prepare");
         let fs_dir = dir.join("fs");
         match parents.first() {
             Some(parent) => copy_tree(parent, &fs_dir),

@@ -96,6 +96,7 @@ impl Backend for Overlay {
     }
 
     fn create(&self, dir: &Path, _parents: &[PathBuf], kind: Kind) -> Result<()> {
+        crate::failpoint!("snapshot-prepare");
         // `fs` is the root of the image's tree, 0755 unless a layer says
         // otherwise; overlayfs alone uses `work`.
         tree_dir(&dir.join("fs"), 0o755)?;

@@ -35,6 +35,17 @@ pub struct Snapshots {
     lease: Option<String>,
 }
 
+/// A snapshot record as stored, its kind unparsed: what `hoist check`
+/// holds against the directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub id: i64,
+    pub namespace: String,
+    pub key: String,
+    pub parent: Option<String>,
+    pub kind: String,
+}
+
 #[derive(Debug, Clone)]
 struct Row {
     id: i64,
@@ -93,8 +104,37 @@ impl SnapshotRoot {
         }
     }
 
-    fn dir(&self, id: i64) -> PathBuf {
+    /// The directory of the snapshot whose row id is `id`.
+    pub fn dir(&self, id: i64) -> PathBuf {
         self.root.join(id.to_string())
+    }
+
+    /// Every record of this snapshotter, with its kind as stored, for
+    /// `hoist check` to hold against the directories.
+    pub fn records(&self) -> Result<Vec<Record>> {
+        Ok(self.db.transaction(|tx| {
+            tx.prepare(
+                "SELECT id, namespace, key, parent, kind FROM snapshots WHERE snapshotter = ?1
+                 ORDER BY id",
+            )?
+            .query_map(params![self.name()], |r| {
+                Ok(Record {
+                    id: r.get(0)?,
+                    namespace: r.get(1)?,
+                    key: r.get(2)?,
+                    parent: r.get(3)?,
+                    kind: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        })?)
+    }
+
+    /// Removes a snapshot that cannot be used (its tree or its parent is
+    /// gone), children or not: the caller removes those too, holding off
+    /// garbage collection as a repair does.
+    pub fn remove_broken(&self, namespace: &str, key: &str) -> Result<u64> {
+        self.remove_in(namespace, key, true)
     }
 
     fn get(&self, conn: &Connection, namespace: &str, key: &str) -> rusqlite::Result<Option<Row>> {
@@ -138,12 +178,13 @@ impl SnapshotRoot {
     }
 
     /// Deletes a snapshot's record and tree; returns the bytes freed.
-    fn remove_in(&self, namespace: &str, key: &str) -> Result<u64> {
+    /// Unless `broken`, a snapshot with children stays.
+    fn remove_in(&self, namespace: &str, key: &str, broken: bool) -> Result<u64> {
         let r = self.db.transaction(|tx| -> Result<Row> {
             let r = self
                 .get(tx, namespace, key)?
                 .ok_or_else(|| Error::NotFound(key.to_string()))?;
-            if self.has_children(tx, namespace, key)? {
+            if !broken && self.has_children(tx, namespace, key)? {
                 return Err(Error::FailedPrecondition(format!(
                     "cannot remove snapshot {key:?}: it has children"
                 )));
@@ -195,9 +236,9 @@ impl SnapshotRoot {
         Ok(total)
     }
 
-    /// Removes directories no record owns: half-built or half-removed
-    /// snapshots from a crash.
-    fn sweep_orphan_dirs(&self) -> Result<u64> {
+    /// Directories no record owns: half-built or half-removed snapshots
+    /// from a crash, which garbage collection removes.
+    pub fn orphan_dirs(&self) -> Result<Vec<PathBuf>> {
         let ids: std::collections::HashSet<String> = self.db.transaction(|tx| {
             tx.prepare("SELECT id FROM snapshots WHERE snapshotter = ?1")?
                 .query_map(params![self.name()], |r| {
@@ -205,7 +246,7 @@ impl SnapshotRoot {
                 })?
                 .collect::<rusqlite::Result<_>>()
         })?;
-        let mut freed = 0;
+        let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.root)
             .map_err(io_err(format!("listing {}", self.root.display())))?
         {
@@ -215,10 +256,40 @@ impl SnapshotRoot {
                 || name.starts_with("new-")
                 || (name.chars().all(|c| c.is_ascii_digit()) && !ids.contains(&name));
             if orphan {
-                freed += disk_usage(&entry.path()).map(|u| u.size).unwrap_or(0);
-                crate::archive::remove_tree(&entry.path())
-                    .map_err(io_err(format!("removing {}", entry.path().display())))?;
+                out.push(entry.path());
             }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes the records of snapshots whose tree never got into place:
+    /// a crash between a snapshot's row and the rename of its directory
+    /// leaves an active snapshot (or view) without one, which its lease
+    /// would keep for nothing. Only garbage collection calls this, and no
+    /// snapshot is being made meanwhile (making one holds off collection,
+    /// in this process and, through the root lock, in others).
+    fn sweep_unbuilt(&self) -> Result<()> {
+        for r in self.records()? {
+            let dir = self.dir(r.id);
+            let present = dir
+                .try_exists()
+                .map_err(io_err(format!("stat {}", dir.display())))?;
+            if r.kind != Kind::Committed.as_str() && !present {
+                tracing::warn!(key = %r.key, namespace = %r.namespace, "removing a snapshot whose tree a crash left unbuilt");
+                self.remove_in(&r.namespace, &r.key, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes [`SnapshotRoot::orphan_dirs`]; returns the bytes freed.
+    fn sweep_orphan_dirs(&self) -> Result<u64> {
+        let mut freed = 0;
+        for path in self.orphan_dirs()? {
+            freed += disk_usage(&path).map(|u| u.size).unwrap_or(0);
+            crate::archive::remove_tree(&path)
+                .map_err(io_err(format!("removing {}", path.display())))?;
         }
         Ok(freed)
     }
@@ -262,7 +333,7 @@ impl SnapshotCollector for SnapshotRoot {
     }
 
     fn remove(&self, namespace: &str, key: &str) -> crate::metadata::Result<u64> {
-        match self.remove_in(namespace, key) {
+        match self.remove_in(namespace, key, false) {
             Ok(freed) => Ok(freed),
             // Removed since the mark (a failed pull cleaning up after itself,
             // in this process or another): what GC wanted is done.
@@ -275,7 +346,8 @@ impl SnapshotCollector for SnapshotRoot {
     }
 
     fn sweep_leftovers(&self) -> crate::metadata::Result<u64> {
-        self.sweep_orphan_dirs()
+        self.sweep_unbuilt()
+            .and_then(|()| self.sweep_orphan_dirs())
             .map_err(|e| crate::metadata::Error::FailedPrecondition(e.to_string()))
     }
 }
@@ -443,7 +515,7 @@ impl Snapshotter for Snapshots {
 
     fn remove(&self, key: &str) -> Result<()> {
         let _guard = self.root.db.mutation_guard();
-        self.root.remove_in(&self.namespace, key).map(drop)
+        self.root.remove_in(&self.namespace, key, false).map(drop)
     }
 
     fn walk(&self, filter: &Filter, f: &mut dyn FnMut(Info) -> Result<()>) -> Result<()> {
@@ -495,6 +567,7 @@ impl Snapshots {
                 self.root.name()
             )));
         }
+        crate::failpoint!("snapshot-rebase");
         self.commit_inner(name, key, Some(parent), labels)
     }
     /// Commits `key` as `name`; with `rebase`, first sets its parent (which
@@ -520,6 +593,7 @@ impl Snapshots {
         let dir = std::fs::File::open(&fs).map_err(io_err(format!("opening {}", fs.display())))?;
         nix::unistd::syncfs(&dir)
             .map_err(|e| io_err(format!("syncing {}", fs.display()))(e.into()))?;
+        crate::failpoint!("snapshot-commit");
         let usage = disk_usage(&fs)?;
         root.db.transaction(|tx| -> Result<()> {
             if root.get(tx, &self.namespace, name)?.is_some() {

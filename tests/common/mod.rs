@@ -6,6 +6,7 @@
 pub mod hostile;
 pub mod proxy;
 pub mod trap;
+pub mod tree;
 
 /// Ends a test that needs root (mounts, ownership, xattrs) early, saying
 /// so, when it is not run as root; CI runs these as root.
@@ -145,6 +146,7 @@ impl Registry {
             let v = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
             headers.insert("authorization", format!("Basic {v}").parse().unwrap());
         }
+        hoist::remote::install_tls_provider();
         reqwest::Client::builder()
             .default_headers(headers)
             .build()

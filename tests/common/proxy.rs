@@ -21,6 +21,8 @@ pub enum Fault {
     Trickle,
     /// Forward as asked (to aim the faults after it at later requests).
     Pass,
+    /// Answer nothing until `Proxy::release`, then forward as asked.
+    Hold,
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +42,7 @@ pub struct Proxy {
     /// out a token for these basic credentials, everything else needs it.
     bearer: Arc<Mutex<Option<(String, String)>>>,
     canned: Canned,
+    release: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Documents served in the registry's place: (path, content type, body).
@@ -56,6 +59,8 @@ impl Proxy {
         let only: Arc<Mutex<Option<String>>> = Arc::default();
         let bearer: Arc<Mutex<Option<(String, String)>>> = Arc::default();
         let canned: Canned = Arc::default();
+        let release = Arc::new(tokio::sync::watch::Sender::new(false));
+        let r = release.clone();
         let (f, s, o, b) = (faults.clone(), seen.clone(), only.clone(), bearer.clone());
         let c = canned.clone();
         let me = addr.clone();
@@ -69,6 +74,7 @@ impl Proxy {
                     only: o.clone(),
                     bearer: b.clone(),
                     canned: c.clone(),
+                    release: r.clone(),
                 };
                 tokio::spawn(serve(conn, ctx));
             }
@@ -80,7 +86,13 @@ impl Proxy {
             only,
             bearer,
             canned,
+            release,
         }
+    }
+
+    /// Lets every held request, and any later one, go on.
+    pub fn release(&self) {
+        self.release.send_replace(true);
     }
 
     /// Answers GETs of `path` (the query aside) with `body` as
@@ -128,6 +140,7 @@ struct Ctx {
     only: Arc<Mutex<Option<String>>>,
     bearer: Arc<Mutex<Option<(String, String)>>>,
     canned: Canned,
+    release: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 async fn reply(conn: &mut TcpStream, status: &str, extra: &str, body: &str) {
@@ -147,6 +160,7 @@ async fn serve(mut conn: TcpStream, ctx: Ctx) {
         only,
         bearer,
         canned,
+        release,
     } = ctx;
     let Some(head) = read_head(&mut conn).await else {
         return;
@@ -229,6 +243,9 @@ async fn serve(mut conn: TcpStream, ctx: Ctx) {
             .as_ref()
             .is_none_or(|d| path.contains(d.as_str()));
     let fault = if is_blob { faults.lock().pop() } else { None };
+    if fault == Some(Fault::Hold) {
+        let _ = release.subscribe().wait_for(|go| *go).await;
+    }
     match fault {
         Some(Fault::ServerError) => {
             let _ = conn.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
@@ -242,6 +259,7 @@ async fn serve(mut conn: TcpStream, ctx: Ctx) {
         }
         _ => {}
     }
+    hoist::remote::install_tls_provider();
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::limited(5))
         .build()
