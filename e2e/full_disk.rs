@@ -97,27 +97,8 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// (success, stdout + stderr) of `hoist --root ROOT ARGS`.
-fn hoist(root: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hoist"))
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
-fn ok(root: &Path, args: &[&str]) -> String {
-    let (success, text) = hoist(root, args);
-    assert!(success, "hoist {args:?}: {text}");
-    text
-}
-
 fn pull(root: &Path, reference: &str) -> (bool, String) {
-    hoist(
+    hoist_cli(
         root,
         &[
             "pull",
@@ -245,16 +226,16 @@ async fn full_disk(kind: &str, case: Case) {
     }
 
     // Nothing half-recorded; what was there before is whole.
-    let images = ok(&root, &["images", "-q"]);
+    let images = hoist_ok(&root, &["images", "-q"]);
     assert!(images.contains(&small), "{images}");
     assert!(!images.contains(&big), "{kind} {case:?}: {images}");
     let view = tempfile::tempdir().unwrap();
     let view_dir = view.path().join("small");
     let mount_small = || {
-        let (mounted, text) = hoist(&root, &["mount", &small, view_dir.to_str().unwrap()]);
+        let (mounted, text) = hoist_cli(&root, &["mount", &small, view_dir.to_str().unwrap()]);
         if mounted {
             let hello = std::fs::read_to_string(view_dir.join("hello.txt"));
-            ok(&root, &["unmount", view_dir.to_str().unwrap()]);
+            hoist_ok(&root, &["unmount", view_dir.to_str().unwrap()]);
             assert_eq!(hello.ok().as_deref(), Some("still here"), "{kind} {case:?}");
         }
         (mounted, text)
@@ -266,7 +247,7 @@ async fn full_disk(kind: &str, case: Case) {
         mounted_full || text.contains("No space left on device"),
         "{kind} {case:?}: {text}"
     );
-    let (clean, report) = hoist(&root, &["check"]);
+    let (clean, report) = hoist_cli(&root, &["check"]);
     assert!(clean, "{kind} {case:?}: check after the failure: {report}");
 
     // Room again: the other image mounts, and the same pull picks up where
@@ -297,9 +278,9 @@ async fn full_disk(kind: &str, case: Case) {
             "{kind}: the stored layer is not fetched again: {gets:?}"
         ),
     }
-    let images = ok(&root, &["images", "-q"]);
+    let images = hoist_ok(&root, &["images", "-q"]);
     assert!(images.contains(&big), "{images}");
-    let (clean, report) = hoist(&root, &["check"]);
+    let (clean, report) = hoist_cli(&root, &["check"]);
     assert!(clean, "{kind} {case:?}: check after the retry: {report}");
 }
 

@@ -16,16 +16,6 @@ use k8s_cri::v1::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The daemon's peak resident set, from /proc.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/<pid>/status")
-}
-
 fn entries(dir: &Path) -> Vec<std::ffi::OsString> {
     std::fs::read_dir(dir)
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())

@@ -26,7 +26,6 @@ use parking_lot::Mutex;
 use pb::snapshots_client::SnapshotsClient;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -272,28 +271,6 @@ async fn client(
     }
 }
 
-fn hoist(root: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hoist"))
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
-/// VmHWM of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_cri_clients_with_gc_running_as_root() {
     require_root!();
@@ -331,7 +308,7 @@ async fn fifty_cri_clients_with_gc_running_as_root() {
         let (root, tally) = (root.clone(), tally.clone());
         tokio::task::spawn_blocking(move || {
             while Instant::now() < until {
-                match hoist(&root, &["gc"]) {
+                match hoist_cli(&root, &["gc"]) {
                     (true, _) => {
                         tally.collections.fetch_add(1, Ordering::Relaxed);
                     }
@@ -365,10 +342,10 @@ async fn fifty_cri_clients_with_gc_running_as_root() {
         present += 1;
         let mnt = dir.path().join(format!("mnt-{i}"));
         let mnt = mnt.to_str().unwrap();
-        let (ok, text) = hoist(&root, &["-n", "k8s.io", "mount", &image.reference, mnt]);
+        let (ok, text) = hoist_cli(&root, &["-n", "k8s.io", "mount", &image.reference, mnt]);
         assert!(ok, "{text}");
         let tree = full_tree(Path::new(mnt));
-        let (ok, text) = hoist(&root, &["-n", "k8s.io", "unmount", mnt]);
+        let (ok, text) = hoist_cli(&root, &["-n", "k8s.io", "unmount", mnt]);
         assert!(ok, "{text}");
         for (path, digest) in &image.files {
             let entry = tree.get(path).map(String::as_str).unwrap_or_default();
@@ -381,7 +358,7 @@ async fn fifty_cri_clients_with_gc_running_as_root() {
     }
     let mut daemon = daemon;
     assert_eq!(daemon.stop(), Some(0), "{}", daemon.log());
-    let (clean, report) = hoist(&root, &["check"]);
+    let (clean, report) = hoist_cli(&root, &["check"]);
     let again = daemon.log().matches("pulling again").count();
 
     let calls = tally.calls.lock().clone();

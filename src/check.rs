@@ -175,6 +175,14 @@ impl Finding {
     pub fn subject(&self) -> String {
         use Finding::*;
         match self {
+            SnapshotMissing { .. }
+            | SnapshotWrongKind { .. }
+            | SnapshotParentMissing { .. }
+            | SnapshotParentCycle { .. }
+            | SnapshotParentNotCommitted { .. } => self
+                .broken_snapshot()
+                .map(|(snapshotter, namespace, key)| snapshot_subject(snapshotter, namespace, key))
+                .unwrap_or_default(),
             BlobSize { digest, path, .. }
             | BlobDigest { digest, path, .. }
             | BlobUnreadable { digest, path, .. }
@@ -182,35 +190,6 @@ impl Finding {
             RowWithoutBlob { namespace, digest } => {
                 format!("content row {digest} in namespace {namespace}")
             }
-            SnapshotMissing {
-                snapshotter,
-                namespace,
-                key,
-                ..
-            }
-            | SnapshotWrongKind {
-                snapshotter,
-                namespace,
-                key,
-                ..
-            }
-            | SnapshotParentMissing {
-                snapshotter,
-                namespace,
-                key,
-                ..
-            }
-            | SnapshotParentCycle {
-                snapshotter,
-                namespace,
-                key,
-            }
-            | SnapshotParentNotCommitted {
-                snapshotter,
-                namespace,
-                key,
-                ..
-            } => snapshot_subject(snapshotter, namespace, key),
             SnapshotOrphan { path, .. } => format!("snapshot directory {}", path.display()),
             ImageContentMissing {
                 namespace, image, ..

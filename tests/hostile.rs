@@ -8,21 +8,7 @@ mod common;
 use common::hostile::{HostileLayer, deep_chain_layer, pax_flood_layer, push_hostile};
 use common::*;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn ok(root: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_hoist"))
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "hoist {args:?}: {text}");
-    text
-}
 
 /// Pulls `r` into `root` with the library, as the daemon does.
 async fn pull(root: &Path, r: &str, snapshotter: &str) -> hoist::pull::Result<()> {
@@ -63,21 +49,21 @@ async fn refused_leaving_nothing(name: &str, layer: &HostileLayer, entry: &str) 
         // removal may still be running when the pull returns.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let snaps = ok(&root, &["snapshots", "ls"]);
+            let snaps = hoist_ok(&root, &["snapshots", "ls"]);
             if !snaps.contains("Active") {
                 break;
             }
             assert!(Instant::now() < deadline, "left behind: {snaps}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        ok(&root, &["gc"]);
+        hoist_ok(&root, &["gc"]);
         let trees = root.join("snapshots").join(snapshotter);
         let left: Vec<_> = std::fs::read_dir(&trees)
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert!(left.is_empty(), "{snapshotter}: left behind {left:?}");
-        assert!(ok(&root, &["content", "ls", "-q"]).trim().is_empty());
+        assert!(hoist_ok(&root, &["content", "ls", "-q"]).trim().is_empty());
     }
 }
 

@@ -10,7 +10,6 @@ use hoist::digest::Digest;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
 /// path -> "file:<content>", "dir", "link:<target>".
 fn tree(root: &Path) -> BTreeMap<String, String> {
@@ -101,24 +100,6 @@ fn expected() -> BTreeMap<String, String> {
     .collect()
 }
 
-fn hoist(root: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hoist"))
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
-fn ok(root: &Path, args: &[&str]) -> String {
-    let (success, text) = hoist(root, args);
-    assert!(success, "hoist {args:?}: {text}");
-    text
-}
-
 async fn pull_mount_compare(snapshotter: &str) {
     let reg = Registry::start();
     let layers = layers();
@@ -127,7 +108,7 @@ async fn pull_mount_compare(snapshotter: &str) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     let r = format!("{}/unpack/app:1", reg.addr);
-    let out = ok(
+    let out = hoist_ok(
         &root,
         &[
             "pull",
@@ -139,22 +120,22 @@ async fn pull_mount_compare(snapshotter: &str) {
         ],
     );
     assert!(out.contains("unpacking"), "{out}");
-    let snaps = ok(&root, &["snapshots", "ls"]);
+    let snaps = hoist_ok(&root, &["snapshots", "ls"]);
     let chain = hoist::images::chain_ids(&diffs);
     for c in &chain {
         assert!(snaps.contains(&c.to_string()), "{snaps}");
     }
     let mnt = dir.path().join("mnt");
-    ok(&root, &["mount", &r, mnt.to_str().unwrap()]);
+    hoist_ok(&root, &["mount", &r, mnt.to_str().unwrap()]);
     let got = tree(&mnt);
     // GC while mounted keeps the view and its layers.
-    ok(&root, &["gc"]);
+    hoist_ok(&root, &["gc"]);
     assert_eq!(tree(&mnt), got);
-    ok(&root, &["unmount", mnt.to_str().unwrap()]);
+    hoist_ok(&root, &["unmount", mnt.to_str().unwrap()]);
     assert_eq!(got, expected(), "{snapshotter}");
     assert!(tree(&mnt).is_empty());
     // A second pull of the same image applies nothing.
-    let out = ok(
+    let out = hoist_ok(
         &root,
         &[
             "pull",
@@ -166,8 +147,8 @@ async fn pull_mount_compare(snapshotter: &str) {
         ],
     );
     assert!(out.contains("exists"), "{out}");
-    ok(&root, &["rmi", &r]);
-    let snaps = ok(&root, &["snapshots", "ls"]);
+    hoist_ok(&root, &["rmi", &r]);
+    let snaps = hoist_ok(&root, &["snapshots", "ls"]);
     assert_eq!(snaps.lines().count(), 1, "only the header is left: {snaps}");
 }
 
@@ -195,7 +176,7 @@ async fn a_wrong_diff_id_fails_and_leaves_no_snapshot_as_root() {
     let root = dir.path().join("root");
     let r = format!("{}/unpack/bad:1", reg.addr);
     for snapshotter in ["overlayfs", "native"] {
-        let (success, out) = hoist(
+        let (success, out) = hoist_cli(
             &root,
             &[
                 "pull",
@@ -212,10 +193,10 @@ async fn a_wrong_diff_id_fails_and_leaves_no_snapshot_as_root() {
             out.contains(&layer.to_string()) && out.contains("diff_id"),
             "{out}"
         );
-        ok(&root, &["gc"]);
-        let snaps = ok(&root, &["snapshots", "ls"]);
+        hoist_ok(&root, &["gc"]);
+        let snaps = hoist_ok(&root, &["snapshots", "ls"]);
         assert_eq!(snaps.lines().count(), 1, "{snaps}");
-        assert!(ok(&root, &["content", "ls", "-q"]).trim().is_empty());
+        assert!(hoist_ok(&root, &["content", "ls", "-q"]).trim().is_empty());
     }
 }
 
@@ -260,7 +241,7 @@ async fn parallel_and_sequential_unpack_give_identical_trees_as_root() {
         ];
         args.extend(extra);
         args.push(&r);
-        let out = ok(&root, &args);
+        let out = hoist_ok(&root, &args);
         assert_eq!(
             out.contains("applied in parallel"),
             extra.is_none(),
@@ -312,9 +293,9 @@ async fn pull_with(
 }
 
 fn mounted_tree(root: &Path, r: &str, mnt: &Path) -> BTreeMap<String, String> {
-    ok(root, &["mount", r, mnt.to_str().unwrap()]);
+    hoist_ok(root, &["mount", r, mnt.to_str().unwrap()]);
     let tree = full_tree(mnt);
-    ok(root, &["unmount", mnt.to_str().unwrap()]);
+    hoist_ok(root, &["unmount", mnt.to_str().unwrap()]);
     tree
 }
 
@@ -352,7 +333,7 @@ async fn layers_stream_once_through_faults_and_parts_as_root() {
         "--sequential-unpack",
         &direct,
     ];
-    ok(&seq, &args);
+    hoist_ok(&seq, &args);
     let reference = mounted_tree(&seq, &direct, &dir.path().join("mnt-seq"));
     assert!(reference["data.bin"].contains(" size=700000 "));
     assert_eq!(reference["keep/g-again"], reference["keep/g"]);
@@ -431,7 +412,7 @@ async fn a_damaged_layer_applied_as_it_downloads_leaves_nothing_as_root() {
     // committed stay for GC, as their lease is gone.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let snaps = ok(&root, &["snapshots", "ls"]);
+        let snaps = hoist_ok(&root, &["snapshots", "ls"]);
         if !snaps.contains("Active") {
             break;
         }
@@ -439,9 +420,9 @@ async fn a_damaged_layer_applied_as_it_downloads_leaves_nothing_as_root() {
         // Asleep without blocking the runtime the cleanup tasks run on.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    ok(&root, &["gc"]);
-    assert!(ok(&root, &["content", "ls", "-q"]).trim().is_empty());
-    assert!(ok(&root, &["images", "-q"]).trim().is_empty());
+    hoist_ok(&root, &["gc"]);
+    assert!(hoist_ok(&root, &["content", "ls", "-q"]).trim().is_empty());
+    assert!(hoist_ok(&root, &["images", "-q"]).trim().is_empty());
 }
 
 /// Images that share their base layers, pulled at once by one daemon's
@@ -493,8 +474,8 @@ async fn concurrent_pulls_sharing_a_base_commit_it_once_as_root() {
         assert!(tree[name].contains(" size=3 "), "{name}: {tree:?}");
         assert!(tree.contains_key("data.bin") && tree.contains_key("keep/g"));
     }
-    ok(&root, &["gc"]);
-    let snaps = ok(&root, &["snapshots", "ls"]);
+    hoist_ok(&root, &["gc"]);
+    let snaps = hoist_ok(&root, &["snapshots", "ls"]);
     // The shared three, then two of each image's own; all committed.
     assert_eq!(snaps.lines().count(), 1 + base.len() + 4, "{snaps}");
 }
@@ -524,13 +505,13 @@ async fn hoist_mount_is_nosuid_nodev_unless_asked_as_root() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let pull = ["pull", "--hosts-dir", "/nonexistent", "--snapshotter"];
-        ok(&root, &[&pull[..], &[snapshotter, &r]].concat());
+        hoist_ok(&root, &[&pull[..], &[snapshotter, &r]].concat());
         let mnt = dir.path().join("mnt");
         let mnt_s = mnt.to_str().unwrap();
         for (extra, hardened) in [(&[][..], true), (&["--allow-suid-dev"][..], false)] {
-            ok(&root, &[&["mount"][..], extra, &[&r, mnt_s]].concat());
+            hoist_ok(&root, &[&["mount"][..], extra, &[&r, mnt_s]].concat());
             let options = mount_options(&mnt.canonicalize().unwrap());
-            ok(&root, &["unmount", mnt_s]);
+            hoist_ok(&root, &["unmount", mnt_s]);
             for flag in ["nosuid", "nodev"] {
                 assert_eq!(
                     options.iter().any(|o| o == flag),

@@ -462,3 +462,33 @@ pub fn for_platform(desc: &Descriptor, platform: Option<(&str, &str)>) -> Descri
     });
     d
 }
+
+/// (success, stdout + stderr) of `hoist --root ROOT ARGS`.
+pub fn hoist_cli(root: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hoist"))
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// stdout + stderr of `hoist --root ROOT ARGS`, which must succeed.
+pub fn hoist_ok(root: &std::path::Path, args: &[&str]) -> String {
+    let (success, text) = hoist_cli(root, args);
+    assert!(success, "hoist {args:?}: {text}");
+    text
+}
+
+/// A process's peak resident set (VmHWM), in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
