@@ -98,14 +98,32 @@ fn ok(root: &Path, args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// A pull on the root; the dominant layer comes in ranged parts.
+/// The backends pulls here unpack into: erofs (a new root's default)
+/// where the kernel mounts hoist's images, and overlayfs.
+fn snapshotters() -> Vec<&'static str> {
+    let probe = tempfile::tempdir().unwrap();
+    match hoist::snapshot::erofs::supported(probe.path()) {
+        Ok(()) => vec!["erofs", "overlayfs"],
+        Err(why) => {
+            assert!(!hoist::erofs::kernel_lists_features(), "{why}");
+            vec!["overlayfs"]
+        }
+    }
+}
+
+/// A pull on the root into the default backend; the dominant layer comes
+/// in ranged parts.
 fn pull_args(r: &str) -> Vec<&str> {
+    pull_args_into(r, snapshotters()[0])
+}
+
+fn pull_args_into<'a>(r: &'a str, snapshotter: &'a str) -> Vec<&'a str> {
     vec![
         "pull",
         "--hosts-dir",
         "/nonexistent",
         "--snapshotter",
-        "overlayfs",
+        snapshotter,
         "--layer-part-size",
         "262144",
         r,
@@ -287,10 +305,11 @@ fn check_clean(root: &Path) -> Result<Recovery, String> {
 fn recover_cli(
     root: &Path,
     r: &str,
+    snapshotter: &str,
     expected: &BTreeMap<String, String>,
 ) -> Result<Recovery, String> {
     let recovery = check_clean(root)?;
-    ok(root, &pull_args(r)).map_err(|e| format!("pull after the crash: {e}"))?;
+    ok(root, &pull_args_into(r, snapshotter)).map_err(|e| format!("pull after the crash: {e}"))?;
     let tree = mounted_tree(root, NAMESPACE_DEFAULT, r, &root.with_extension("mnt"))?;
     if &tree != expected {
         return Err(format!("tree differs: {}", diff(expected, &tree)));
@@ -342,7 +361,7 @@ async fn every_failpoint_in_both_modes_recovers_as_root() {
     require_root!();
     let reg = Registry::start();
     let r = push_test_image(&reg).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let expected = reference_tree(&dir.path().join("reference"), &r);
     let (mut tried, mut recovered) = (0, 0);
     let mut unreached = Vec::new();
@@ -350,21 +369,29 @@ async fn every_failpoint_in_both_modes_recovers_as_root() {
     let mut findings = BTreeMap::new();
     // `abort@2`: the crash comes on the step's second pass (another blob
     // or layer went through it), where a step runs more than once.
+    let backends = snapshotters();
+    let mut cases = Vec::new();
     for (point, _) in POINTS {
         for mode in ["abort", "error", "abort@2"] {
-            let root = dir.path().join(format!("{point}-{mode}"));
+            cases.extend(backends.iter().map(|b| (*point, mode, *b)));
+        }
+    }
+    for (point, mode, snapshotter) in cases {
+        {
+            let root = dir.path().join(format!("{point}-{mode}-{snapshotter}"));
+            let pull = pull_args_into(&r, snapshotter);
             // GC runs in `hoist rmi`, of an image pulled first.
             let collects = point.starts_with("gc-");
             let faulted: Vec<&str> = if collects {
-                ok(&root, &pull_args(&r)).unwrap();
+                ok(&root, &pull).unwrap();
                 vec!["rmi", &r]
             } else {
-                pull_args(&r)
+                pull.clone()
             };
             let out = run(&root, &faulted, Some(&format!("{point}={mode}")));
             let killed = out.status.signal() == Some(SIGKILL);
             let injected = text(&out).contains(&format!("failpoint {point}"));
-            let case = format!("{point}={mode}");
+            let case = format!("{point}={mode} ({snapshotter})");
             match mode {
                 "abort" if !killed => {
                     failures.push(format!("{case}: not killed: {}", text(&out)));
@@ -380,14 +407,14 @@ async fn every_failpoint_in_both_modes_recovers_as_root() {
                 }
                 _ => tried += 1,
             }
-            match recover_cli(&root, &r, &expected) {
+            match recover_cli(&root, &r, snapshotter, &expected) {
                 Ok(recovery) => {
                     recovered += usize::from(killed || injected);
                     tally(&mut findings, &recovery);
                 }
                 Err(e) => failures.push(format!("{case}: {e}")),
             }
-            let _ = std::fs::remove_dir_all(&root);
+            common::mounts::remove_tree(&root);
         }
     }
     println!(
@@ -446,7 +473,7 @@ async fn random_kills_of_hoist_pull_recover_as_root() {
     require_root!();
     let reg = Registry::start();
     let r = push_test_image(&reg).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let expected = reference_tree(&dir.path().join("reference"), &r);
     let root = dir.path().join("root");
     let wanted = kills_wanted();
@@ -483,7 +510,7 @@ async fn random_kills_of_hoist_pull_recover_as_root() {
                 false => idle += 1,
             }
         }
-        let recovery = recover_cli(&root, &r, &expected)
+        let recovery = recover_cli(&root, &r, snapshotters()[0], &expected)
             .unwrap_or_else(|e| panic!("after a kill at {delay:?}: {e}"));
         tally(&mut findings, &recovery);
     }
@@ -528,7 +555,7 @@ async fn random_kills_of_the_daemon_in_cri_pull_and_remove_recover_as_root() {
     require_root!();
     let reg = Registry::start();
     let r = push_test_image(&reg).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let expected = reference_tree(&dir.path().join("reference"), &r);
     let root = dir.path().join("root");
     let socket: PathBuf = dir.path().join("run/hoist.sock");

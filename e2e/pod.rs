@@ -188,11 +188,17 @@ fn executable_layer(path: &str, source: &str) -> Vec<u8> {
     gzip(&tar.into_inner().unwrap())
 }
 
-/// Layer directories hoist holds (committed or active).
+/// Snapshot directories hoist holds (committed or active), whichever
+/// backend the daemon chose for its new root.
 fn hoist_snapshot_dirs(root: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(root.join("snapshots/overlayfs"))
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default()
+    hoist::snapshot::NAMES
+        .iter()
+        .flat_map(|name| {
+            std::fs::read_dir(root.join("snapshots").join(name))
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_else(|_| Vec::new())
+        })
+        .collect()
 }
 
 /// Requests for `digest`'s blob in the registry's access log, by client.
@@ -384,6 +390,15 @@ async fn a_pod_runs_from_hoists_snapshots_as_root() {
         .filter(|p| p.exists())
         .collect();
     assert_eq!(uppers.len(), 1, "the written file in hoist's snapshots");
+    // On a kernel that mounts them, the image's layers are indexed tars
+    // under EROFS lowers.
+    if hoist::erofs::kernel_lists_features() {
+        let layers: Vec<PathBuf> = hoist_snapshot_dirs(&root)
+            .into_iter()
+            .filter(|d| d.join(hoist::archive::LAYER_IMAGE).is_file())
+            .collect();
+        assert!(layers.len() >= busybox.layers.len(), "{layers:?}");
+    }
 
     // Each busybox layer came from the registry once, to hoist.
     let log = reg.access_log();

@@ -220,6 +220,12 @@ impl Finding {
             BlobUnreadable { error, .. } => format!("unreadable: {error}"),
             RowWithoutBlob { .. } => "its blob is missing".to_string(),
             BlobWithoutRow { .. } => "no namespace records it".to_string(),
+            SnapshotMissing { path, .. }
+                if path.ends_with(crate::archive::LAYER_TAR)
+                    || path.ends_with(crate::archive::LAYER_IMAGE) =>
+            {
+                format!("its layer file {} is missing", path.display())
+            }
             SnapshotMissing { path, .. } => format!("its directory {} is missing", path.display()),
             SnapshotOrphan { .. } => "no snapshot owns it".to_string(),
             SnapshotWrongKind { problem, .. } => problem.clone(),
@@ -747,7 +753,7 @@ fn check_snapshots(root: &SnapshotRoot, records: &[Record]) -> Result<Vec<Findin
         let dir = root.dir(r.id);
         let tree = dir.join("fs");
         match entry(&dir).map_err(io(&dir))? {
-            Entry::Missing => out.push(missing(dir)),
+            Entry::Missing => out.push(missing(dir.clone())),
             Entry::Dir => match entry(&tree).map_err(io(&tree))? {
                 Entry::Missing => out.push(missing(tree)),
                 Entry::Dir => {}
@@ -760,6 +766,19 @@ fn check_snapshots(root: &SnapshotRoot, records: &[Record]) -> Result<Vec<Findin
                 "{} is {what}, not a directory",
                 dir.display()
             ))),
+        }
+        // An indexed layer is its tar and its image: one without the other
+        // cannot be mounted.
+        let (tar, image) = (
+            dir.join(crate::archive::LAYER_TAR),
+            dir.join(crate::archive::LAYER_IMAGE),
+        );
+        if r.kind == "Committed" {
+            match (tar.is_file(), image.is_file()) {
+                (true, false) => out.push(missing(image)),
+                (false, true) => out.push(missing(tar)),
+                _ => {}
+            }
         }
         if let Some(parent) = &r.parent {
             match by_key.get(&(r.namespace.as_str(), parent.as_str())) {

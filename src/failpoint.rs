@@ -45,7 +45,7 @@ pub const POINTS: &[(&str, &str)] = &[
     ),
     (
         "snapshot-commit",
-        "snapshot/store.rs: the tree synced (syncfs), before the commit transaction",
+        "snapshot backends: the tree synced (syncfs), or the indexed layer's files synced and mounted, before the commit transaction",
     ),
     (
         "label-uncompressed",

@@ -16,6 +16,7 @@ pub mod cri;
 pub mod descriptor;
 pub mod diff;
 pub mod digest;
+pub mod erofs;
 pub mod failpoint;
 pub mod filters;
 pub mod grpc_unix;

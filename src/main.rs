@@ -36,7 +36,7 @@ enum Command {
         /// Socket to listen on [default: /run/hoist/hoist.sock]
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// overlayfs or native [default: overlayfs where the host supports it]
+        /// erofs, overlayfs or native [default: the root's; for a new root erofs, else overlayfs, where the host supports it]
         #[arg(long)]
         snapshotter: Option<String>,
         /// Registry host configuration directory [default: /etc/hoist/certs.d]
@@ -60,7 +60,7 @@ enum Command {
         /// Apply layers one at a time even where they could apply in parallel
         #[arg(long)]
         sequential_unpack: bool,
-        /// overlayfs or native [default: overlayfs where the host supports it]
+        /// erofs, overlayfs or native [default: the root's; for a new root erofs, else overlayfs, where the host supports it]
         #[arg(long)]
         snapshotter: Option<String>,
         /// Registry credentials, USER[:PASSWORD]
@@ -82,7 +82,7 @@ enum Command {
     Rmi { references: Vec<String> },
     /// Mount a read-only view of an image's root filesystem at DIR (nosuid,nodev)
     Mount {
-        /// overlayfs or native [default: the one the image was unpacked with]
+        /// erofs, overlayfs or native [default: the one the image was unpacked with]
         #[arg(long)]
         snapshotter: Option<String>,
         /// Mount without nosuid,nodev, so the image's setuid and setgid bits

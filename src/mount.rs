@@ -215,10 +215,18 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
 
 /// Unmounts everything stacked on `target`.
 pub fn unmount_all(target: &Path) -> Result<()> {
+    // A process that forked while another thread had a file open below the
+    // mount holds it until it execs: busy is retried for a while, as
+    // containerd does (50 times, 50 ms apart).
+    let mut busy = 0;
     loop {
         match nix::mount::umount2(target, MntFlags::empty()) {
             Ok(()) => continue,
             Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(nix::errno::Errno::EBUSY) if busy < 50 => {
+                busy += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
             Err(errno) => {
                 return Err(Error::Unmount {
                     target: target.to_path_buf(),

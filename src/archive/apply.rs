@@ -21,7 +21,7 @@ use super::safe::{
     self, Created, DirRef, RelPath, Tree, Walk, io_err, is_dir, is_whiteout, lstat_at, show,
     split_last,
 };
-use super::whiteout::{self, Lowers};
+use super::whiteout::{self, Lowers, Named};
 use super::{ArchiveError, BUF_SIZE, WhiteoutMode};
 
 /// Applying into an overlay upperdir.
@@ -158,15 +158,12 @@ impl Applier {
         let display = e.display();
         let path = safe::clean(&e.name)?;
         safe::check_len(&path, &display)?;
-        let Some((parent, base)) = split_last(&path) else {
-            // containerd ignores entries that name the root itself.
-            let entry = display.as_str();
-            debug!(entry, "skipping entry for the root directory");
-            return Ok(());
+        let (parent, base) = match whiteout::name_entry(&path, &display)? {
+            Named::Nothing => return Ok(()),
+            Named::Opaque { parent } => return self.opaque(parent, &display),
+            Named::Remove { parent, name } => return self.remove(parent, name, e, &display),
+            Named::Entry { parent, base } => (parent, base),
         };
-        if let Some(kind) = whiteout::classify(&path, base) {
-            return self.whiteout(kind, parent, base, e, &display);
-        }
         let dir = self.resolve_dir(parent, &display)?;
         let here = safe::join(&dir.path, base);
         // Through a symlink the real path may be longer than the name.

@@ -8,6 +8,8 @@
 
 mod apply;
 mod compression;
+mod index;
+mod index_tree;
 mod reader;
 mod safe;
 mod whiteout;
@@ -16,10 +18,12 @@ mod whiteout;
 mod tests;
 
 use std::fmt;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
+
+pub use index::{IndexBelow, LAYER_IMAGE, LAYER_TAR, index_layer, reindex_layer};
 
 /// Size of the read buffers and of file copies.
 const BUF_SIZE: usize = 128 * 1024;
@@ -84,6 +88,9 @@ pub struct Applied {
     /// made 0755 root (relative to the root). Applied without its lowers,
     /// a layer hands these to [`adopt_lower_metadata`] once they exist.
     pub implicit_dirs: Vec<PathBuf>,
+    /// Applied without its lowers, the result depends on them: the rebase
+    /// must fix it up ([`adopt_lower_metadata`], [`reindex_layer`]).
+    pub needs_lowers: bool,
 }
 
 /// The rebase half of a parallel unpack: `root` was applied with no
@@ -183,6 +190,50 @@ fn drain(mut rest: impl Read, compression: Compression) -> Result<(), ArchiveErr
         })
 }
 
+/// Reads the tar in `buffered` to its end, handing each entry to `each`
+/// (then calling `finish`), and drains what follows the archive so the
+/// digest covers it.
+fn read_layer<B: BufRead, S>(
+    buffered: B,
+    compression: Compression,
+    state: &mut S,
+    mut each: impl FnMut(&mut S, &reader::Entry, &mut reader::TarReader<B>) -> Result<(), ArchiveError>,
+    finish: impl FnOnce(&mut S) -> Result<(), ArchiveError>,
+) -> Result<(), ArchiveError> {
+    let mut tar = reader::TarReader::new(buffered, compression);
+    let applied = (|| {
+        while let Some(entry) = tar.next_entry()? {
+            each(state, &entry, &mut tar)?;
+        }
+        finish(state)
+    })();
+    let structural = matches!(
+        applied,
+        Err(ArchiveError::Malformed { .. }
+            | ArchiveError::Truncated { .. }
+            | ArchiveError::UnsupportedType { .. })
+    );
+    // The digest covers whatever follows the end-of-archive blocks too.
+    let drained = if applied.is_ok() || (structural && compression != Compression::None) {
+        drain(tar.into_inner(), compression)
+    } else {
+        Ok(())
+    };
+    if let Err(e) = applied {
+        // Garbage out of a damaged compressed stream looks like a broken
+        // tar; the decompressor's own verdict (e.g. a CRC mismatch at
+        // the end) names the real cause.
+        return Err(match drained {
+            Err(stream @ ArchiveError::Stream { .. }) => {
+                tracing::debug!(error = %e, "tar error caused by a damaged layer stream");
+                stream
+            }
+            _ => e,
+        });
+    }
+    drained
+}
+
 /// Decompresses `layer`, hashes the whole uncompressed stream (including the tar's trailing padding: drain the reader to EOF after the archive ends), and applies the tar into `root`.
 pub fn apply_layer(
     root: &Path,
@@ -193,43 +244,15 @@ pub fn apply_layer(
     let decoded = compression::decoder(layer, compression)?;
     let mut hashed = compression::HashingReader::new(decoded);
     let mut applier = apply::Applier::new(root, &opts.whiteouts)?;
-    {
-        let buffered = BufReader::with_capacity(BUF_SIZE, &mut hashed);
-        let mut tar = reader::TarReader::new(buffered, compression);
-        let applied = (|| {
-            while let Some(entry) = tar.next_entry()? {
-                applier.apply(&entry, &mut tar)?;
-            }
-            applier.finish()
-        })();
-        let structural = matches!(
-            applied,
-            Err(ArchiveError::Malformed { .. }
-                | ArchiveError::Truncated { .. }
-                | ArchiveError::UnsupportedType { .. })
-        );
-        // The digest covers whatever follows the end-of-archive blocks too.
-        let drained = if applied.is_ok() || (structural && compression != Compression::None) {
-            drain(tar.into_inner(), compression)
-        } else {
-            Ok(())
-        };
-        if let Err(e) = applied {
-            // Garbage out of a damaged compressed stream looks like a broken
-            // tar; the decompressor's own verdict (e.g. a CRC mismatch at
-            // the end) names the real cause.
-            return Err(match drained {
-                Err(stream @ ArchiveError::Stream { .. }) => {
-                    tracing::debug!(error = %e, "tar error caused by a damaged layer stream");
-                    stream
-                }
-                _ => e,
-            });
-        }
-        drained?;
-    }
+    read_layer(
+        BufReader::with_capacity(BUF_SIZE, &mut hashed),
+        compression,
+        &mut applier,
+        |a, entry, tar| a.apply(entry, tar),
+        |a| a.finish(),
+    )?;
     let (diff_id, uncompressed_size) = hashed.finish();
-    let implicit_dirs = {
+    let implicit_dirs: Vec<PathBuf> = {
         use std::os::unix::ffi::OsStrExt;
         applier
             .implicit
@@ -241,6 +264,7 @@ pub fn apply_layer(
         diff_id,
         uncompressed_size,
         entries: applier.entries(),
+        needs_lowers: !implicit_dirs.is_empty(),
         implicit_dirs,
     })
 }

@@ -189,6 +189,10 @@ impl<R: BufRead> TarReader<R> {
         self.inner
     }
 
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
     /// Reads the next entry's headers; `None` at the end of the archive.
     pub fn next_entry(&mut self) -> Result<Option<Entry>, ArchiveError> {
         self.skip_rest()?;

@@ -23,7 +23,7 @@ use super::ArchiveError;
 pub(super) use crate::xattr::{fsetxattr, lgetxattr, llistxattr, lsetxattr};
 
 /// Linux's own limit on symlinks followed in one lookup.
-const MAX_SYMLINKS: u32 = 40;
+pub(super) const MAX_SYMLINKS: u32 = 40;
 
 /// The longest path inside the image: `/`, the path and a NUL fit in
 /// PATH_MAX, so a container can name every file it gets. It also bounds

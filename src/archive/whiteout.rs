@@ -61,36 +61,60 @@ pub(super) fn classify(path: &[u8], base: &[u8]) -> Option<Whiteout> {
     }
 }
 
+/// What a layer's entry asks for, read from its cleaned path.
+pub(super) enum Named<'a> {
+    /// Nothing: the root itself, or AUFS metadata (both logged).
+    Nothing,
+    /// `parent` hides what lowers have below it.
+    Opaque { parent: &'a [u8] },
+    /// `parent/name` is deleted.
+    Remove { parent: &'a [u8], name: &'a [u8] },
+    /// `parent/base` is made.
+    Entry { parent: &'a [u8], base: &'a [u8] },
+}
+
+/// Reads entry `path` (cleaned) as an applier or an index acts on it.
+pub(super) fn name_entry<'a>(path: &'a [u8], display: &str) -> Result<Named<'a>, ArchiveError> {
+    let Some((parent, base)) = safe::split_last(path) else {
+        // containerd ignores entries that name the root itself.
+        let entry = display;
+        debug!(entry, "skipping entry for the root directory");
+        return Ok(Named::Nothing);
+    };
+    Ok(match classify(path, base) {
+        None => Named::Entry { parent, base },
+        Some(Whiteout::Skip) => {
+            let entry = display;
+            debug!(entry, "skipping AUFS metadata");
+            Named::Nothing
+        }
+        Some(Whiteout::Opaque) => Named::Opaque { parent },
+        Some(Whiteout::Remove) => {
+            let name = &base[PREFIX.len()..];
+            if name.is_empty() || name == b"." || name == b".." {
+                return Err(ArchiveError::InvalidWhiteout {
+                    path: display.to_string(),
+                    reason: "names no entry".into(),
+                });
+            }
+            Named::Remove { parent, name }
+        }
+    })
+}
+
 impl Applier {
-    pub(super) fn whiteout(
+    /// Deletes `parent/name` as the layer's whiteout says.
+    pub(super) fn remove(
         &mut self,
-        kind: Whiteout,
         parent: &[u8],
-        base: &[u8],
+        name: &[u8],
         e: &Entry,
         display: &str,
     ) -> Result<(), ArchiveError> {
-        match kind {
-            Whiteout::Skip => {
-                let entry = display;
-                debug!(entry, "skipping AUFS metadata");
-                Ok(())
-            }
-            Whiteout::Opaque => self.opaque(parent, display),
-            Whiteout::Remove => {
-                let name = &base[PREFIX.len()..];
-                if name.is_empty() || name == b"." || name == b".." {
-                    return Err(ArchiveError::InvalidWhiteout {
-                        path: display.to_string(),
-                        reason: "names no entry".into(),
-                    });
-                }
-                if self.overlay.is_some() {
-                    self.overlay_whiteout(parent, name, e, display)
-                } else {
-                    self.plain_whiteout(parent, name, display)
-                }
-            }
+        if self.overlay.is_some() {
+            self.overlay_whiteout(parent, name, e, display)
+        } else {
+            self.plain_whiteout(parent, name, display)
         }
     }
 
@@ -160,7 +184,7 @@ impl Applier {
         Ok(())
     }
 
-    fn opaque(&mut self, path: &[u8], display: &str) -> Result<(), ArchiveError> {
+    pub(super) fn opaque(&mut self, path: &[u8], display: &str) -> Result<(), ArchiveError> {
         let dir = self.resolve_dir(path, display)?;
         self.mark_written(&dir.path);
         if self.overlay.is_some() {
@@ -380,12 +404,33 @@ impl Lowers {
         path: &[u8],
         upper_final: bool,
     ) -> io::Result<Option<(usize, LowerObj)>> {
+        self.find_in(Some(upper), path, upper_final)
+    }
+
+    /// [`Lowers::find`] below an upper that is not a directory on disk (a
+    /// layer being indexed, whose caller has looked at its own tree): the
+    /// newest lower is layer 1.
+    pub fn find_below(&self, path: &[u8]) -> io::Result<Option<(usize, LowerObj)>> {
+        self.find_in(None, path, true)
+    }
+
+    fn find_in(
+        &self,
+        upper: Option<BorrowedFd<'_>>,
+        path: &[u8],
+        upper_final: bool,
+    ) -> io::Result<Option<(usize, LowerObj)>> {
         let comps: Vec<&[u8]> = components(path).collect();
         let Some((last, dirs)) = comps.split_last() else {
             return Ok(None);
         };
-        let layers = std::iter::once(upper).chain(self.roots.iter().map(AsFd::as_fd));
-        'layers: for (layer, root) in layers.enumerate() {
+        let layers = upper.into_iter().map(|u| (0, u)).chain(
+            self.roots
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i + 1, r.as_fd())),
+        );
+        'layers: for (layer, root) in layers {
             let mut cur = root.try_clone_to_owned()?;
             let mut opaque = self.is_opaque(cur.as_fd())?;
             for comp in dirs {

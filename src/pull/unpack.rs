@@ -290,15 +290,19 @@ fn prepare_and_apply(
 ) -> Result<Applied> {
     s.prepare(key, parent, Labels::new())?;
     let started = Instant::now();
+    let below = match (parent, &layer.parent) {
+        (None, Some(_)) => crate::diff::Parent::AtRebase,
+        _ => crate::diff::Parent::Known,
+    };
     let applied = match source {
         Source::Store => store
             .reader_at(&layer.desc.digest)
             .map_err(crate::diff::Error::from)
             .and_then(|blob| {
                 let blob = std::io::BufReader::with_capacity(256 * 1024, blob);
-                crate::diff::apply(blob, &layer.desc, s, key)
+                crate::diff::apply_below(blob, &layer.desc, s, key, below)
             }),
-        Source::Live(feed) => crate::diff::apply(feed, &layer.desc, s, key),
+        Source::Live(feed) => crate::diff::apply_below(feed, &layer.desc, s, key, below),
     };
     let result = applied.map_err(Error::from).and_then(|applied| {
         if applied.diff_id == layer.diff_id {
@@ -327,16 +331,24 @@ fn prepare_and_apply(
 fn commit(s: &Snapshots, layer: &Layer, key: &str, rebase: Option<&Applied>) -> Result<bool> {
     let name = layer.chain_id.to_string();
     let adopted = match rebase {
-        Some(applied) if !applied.implicit_dirs.is_empty() => (|| {
+        Some(applied) if applied.needs_lowers => (|| {
             let (fs, _) = s.apply_dirs(key)?;
             let lowers = s.tree_dirs(layer.parent.as_deref())?;
             let userxattr = s.overlay_upper().unwrap_or(false);
-            crate::archive::adopt_lower_metadata(&fs, &applied.implicit_dirs, lowers, userxattr)
-                .map_err(|source| crate::diff::Error::Archive {
-                    layer: layer.desc.digest.to_string(),
-                    dir: fs.clone(),
-                    source,
-                })?;
+            let fixed = match (s.indexes_layers(), fs.parent()) {
+                (true, Some(dir)) => crate::archive::reindex_layer(dir, lowers, userxattr),
+                _ => crate::archive::adopt_lower_metadata(
+                    &fs,
+                    &applied.implicit_dirs,
+                    lowers,
+                    userxattr,
+                ),
+            };
+            fixed.map_err(|source| crate::diff::Error::Archive {
+                layer: layer.desc.digest.to_string(),
+                dir: fs.clone(),
+                source,
+            })?;
             Ok::<_, Error>(())
         })(),
         _ => Ok(()),
@@ -363,11 +375,19 @@ fn commit(s: &Snapshots, layer: &Layer, key: &str, rebase: Option<&Applied>) -> 
 fn remove_quietly(s: &Snapshots, key: &str) {
     // The failed apply's files go first: on a full disk they are the room
     // the database needs to record the removal.
-    if let Ok((fs, _)) = s.apply_dirs(key)
-        && let Ok(entries) = std::fs::read_dir(&fs)
-    {
-        for entry in entries.flatten() {
-            let _ = crate::archive::remove_tree(&entry.path());
+    if let Ok((fs, _)) = s.apply_dirs(key) {
+        // An indexed layer's `fs` is empty, or its image mounted read-only.
+        if !s.indexes_layers()
+            && let Ok(entries) = std::fs::read_dir(&fs)
+        {
+            for entry in entries.flatten() {
+                let _ = crate::archive::remove_tree(&entry.path());
+            }
+        }
+        if let Some(dir) = fs.parent() {
+            for name in [crate::archive::LAYER_TAR, crate::archive::LAYER_IMAGE] {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
         }
     }
     if let Err(e) = s.remove(key) {

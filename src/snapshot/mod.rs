@@ -2,8 +2,10 @@
 //! immutable layer named by its chain ID; an active one is a writable tree on
 //! top of a committed parent; a view is a read-only one. Records live in
 //! SQLite ([`store::Snapshots`]); the trees on disk belong to a [`Backend`]:
-//! [`overlay`] stacks directories with overlayfs, [`native`] copies them.
+//! [`overlay`] stacks directories with overlayfs, [`native`] copies them,
+//! [`erofs`] mounts indexed layer tars as overlay's lowers.
 
+pub mod erofs;
 pub mod native;
 pub mod overlay;
 pub mod store;
@@ -139,10 +141,42 @@ pub trait Backend: Send + Sync {
     fn rebases(&self) -> bool {
         false
     }
+    /// Whether an unpack indexes a layer's tar into the snapshot directory
+    /// ([`crate::archive::index_layer`]) instead of applying it into `fs`.
+    fn indexes_layers(&self) -> bool {
+        false
+    }
+    /// Makes committed snapshot `dir`'s tree readable at `dir/fs` (a
+    /// mount a restart took away); called before it is handed out.
+    fn ready(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// Undoes [`Backend::ready`] before `dir` is removed.
+    fn release(&self, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// Makes active snapshot `dir` durable as it is committed; returns
+    /// what it uses.
+    fn seal(&self, dir: &Path) -> Result<Usage> {
+        seal_tree(&dir.join("fs"))
+    }
 }
 
-/// The snapshotter named `name` (`overlayfs` or `native`), or with `None`
-/// overlay where this host supports it and native elsewhere.
+/// One sync of the filesystem holding `fs` instead of an fsync per file
+/// written; then what the tree uses.
+pub(crate) fn seal_tree(fs: &Path) -> Result<Usage> {
+    let dir = std::fs::File::open(fs).map_err(io_err(format!("opening {}", fs.display())))?;
+    nix::unistd::syncfs(&dir).map_err(|e| io_err(format!("syncing {}", fs.display()))(e.into()))?;
+    crate::failpoint!("snapshot-commit");
+    usage::disk_usage(fs)
+}
+
+/// Every backend's name, in the order a root without one prefers them.
+pub const NAMES: [&str; 3] = ["erofs", "overlayfs", "native"];
+
+/// The snapshotter named `name` (`erofs`, `overlayfs` or `native`). With
+/// `None`, the one this root was made with; a new root gets erofs where
+/// this host supports it, else overlay where it supports that, else native.
 pub fn open(
     db: &std::sync::Arc<crate::metadata::Db>,
     name: Option<&str>,
@@ -150,16 +184,24 @@ pub fn open(
     let snapshots = db.root().join("snapshots");
     // Before the overlay probe, which would make it with the umask's mode.
     private_dir(&snapshots)?;
-    let backend: Box<dyn Backend> = match name {
+    let existing = NAMES.into_iter().find(|n| snapshots.join(n).is_dir());
+    let backend: Box<dyn Backend> = match name.or(existing) {
+        Some("erofs") => Box::new(erofs::Erofs::new()),
         Some("overlayfs") | Some("overlay") => Box::new(overlay::Overlay::new()),
         Some("native") => Box::new(native::Native),
         Some(other) => {
             return Err(Error::InvalidArgument(format!(
-                "unknown snapshotter {other:?}: use overlayfs or native"
+                "unknown snapshotter {other:?}: use erofs, overlayfs or native"
             )));
         }
-        None if overlay::supported(&snapshots) => Box::new(overlay::Overlay::new()),
-        None => Box::new(native::Native),
+        None => match erofs::supported(&snapshots) {
+            Ok(()) => Box::new(erofs::Erofs::new()),
+            Err(why) if overlay::supported(&snapshots) => {
+                tracing::info!(reason = %why, "EROFS layers are not available here: using overlayfs");
+                Box::new(overlay::Overlay::new())
+            }
+            Err(_) => Box::new(native::Native),
+        },
     };
     SnapshotRoot::new(db.clone(), backend)
 }
@@ -187,7 +229,7 @@ pub fn open_existing(
     db: &std::sync::Arc<crate::metadata::Db>,
 ) -> Result<Vec<std::sync::Arc<SnapshotRoot>>> {
     let mut out = Vec::new();
-    for name in ["overlayfs", "native"] {
+    for name in NAMES {
         if db.root().join("snapshots").join(name).is_dir() {
             out.push(open(db, Some(name))?);
         }

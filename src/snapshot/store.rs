@@ -164,6 +164,17 @@ impl SnapshotRoot {
         Ok(dirs)
     }
 
+    /// Readies the trees `fs_dirs` (as [`SnapshotRoot::parent_dirs`] gives
+    /// them) before they are handed out: mounts a restart took away.
+    fn ready(&self, fs_dirs: &[PathBuf]) -> Result<()> {
+        for fs in fs_dirs {
+            if let Some(dir) = fs.parent() {
+                self.backend.ready(dir)?;
+            }
+        }
+        Ok(())
+    }
+
     fn has_children(
         &self,
         conn: &Connection,
@@ -197,6 +208,7 @@ impl SnapshotRoot {
             Ok(r)
         })?;
         let dir = self.dir(r.id);
+        self.backend.release(&dir)?;
         let size = match r.kind {
             Kind::Committed => r.size as u64,
             _ => disk_usage(&dir).map(|u| u.size).unwrap_or(0),
@@ -287,6 +299,7 @@ impl SnapshotRoot {
     fn sweep_orphan_dirs(&self) -> Result<u64> {
         let mut freed = 0;
         for path in self.orphan_dirs()? {
+            self.backend.release(&path)?;
             freed += disk_usage(&path).map(|u| u.size).unwrap_or(0);
             crate::archive::remove_tree(&path)
                 .map_err(io_err(format!("removing {}", path.display())))?;
@@ -429,7 +442,9 @@ impl Snapshots {
         })?;
         let dir = root.dir(id);
         let tmp = root.root.join(format!("new-{id}"));
-        let built = super::tree_dir(&tmp, crate::root::PRIVATE_DIR_MODE)
+        let parents_ready = root.ready(&parents);
+        let built = parents_ready
+            .and_then(|()| super::tree_dir(&tmp, crate::root::PRIVATE_DIR_MODE))
             .and_then(|()| root.backend.create(&tmp, &parents, kind))
             .and_then(|()| {
                 std::fs::rename(&tmp, &dir).map_err(io_err(format!("renaming {}", tmp.display())))
@@ -498,6 +513,10 @@ impl Snapshotter for Snapshots {
             Ok((r, parents))
         })?;
         let dir = self.root.dir(r.id);
+        self.root.ready(&parents)?;
+        if r.kind == Kind::Committed {
+            self.root.backend.ready(&dir)?;
+        }
         Ok(self.root.backend.mounts(&dir, &parents, r.kind))
     }
 
@@ -535,18 +554,24 @@ impl Snapshotter for Snapshots {
     }
 
     fn apply_dirs(&self, key: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
-        self.root.db.transaction(|tx| {
-            let r = self.must_get(tx, key)?;
-            if r.kind != Kind::Active {
-                return Err(Error::FailedPrecondition(format!(
-                    "{key:?} is not an active snapshot"
-                )));
-            }
-            let parents = self
-                .root
-                .parent_dirs(tx, &self.namespace, r.parent.as_deref())?;
-            Ok((self.root.dir(r.id).join("fs"), parents))
-        })
+        self.root
+            .db
+            .transaction(|tx| {
+                let r = self.must_get(tx, key)?;
+                if r.kind != Kind::Active {
+                    return Err(Error::FailedPrecondition(format!(
+                        "{key:?} is not an active snapshot"
+                    )));
+                }
+                let parents = self
+                    .root
+                    .parent_dirs(tx, &self.namespace, r.parent.as_deref())?;
+                Ok((self.root.dir(r.id).join("fs"), parents))
+            })
+            .and_then(|(fs, parents)| {
+                self.root.ready(&parents)?;
+                Ok((fs, parents))
+            })
     }
 }
 
@@ -588,13 +613,7 @@ impl Snapshots {
                 r.kind.as_str()
             )));
         }
-        let fs = root.dir(r.id).join("fs");
-        // One sync of the filesystem instead of an fsync per file written.
-        let dir = std::fs::File::open(&fs).map_err(io_err(format!("opening {}", fs.display())))?;
-        nix::unistd::syncfs(&dir)
-            .map_err(|e| io_err(format!("syncing {}", fs.display()))(e.into()))?;
-        crate::failpoint!("snapshot-commit");
-        let usage = disk_usage(&fs)?;
+        let usage = root.backend.seal(&root.dir(r.id))?;
         root.db.transaction(|tx| -> Result<()> {
             if root.get(tx, &self.namespace, name)?.is_some() {
                 return Err(Error::AlreadyExists(name.to_string()));
@@ -654,14 +673,23 @@ impl Snapshots {
     /// The tree directories of committed snapshot `name` and its ancestors,
     /// newest first: the lowers of a layer rebased onto it.
     pub fn tree_dirs(&self, name: Option<&str>) -> Result<Vec<PathBuf>> {
-        self.root
+        let dirs = self
+            .root
             .db
-            .transaction(|tx| self.root.parent_dirs(tx, &self.namespace, name))
+            .transaction(|tx| self.root.parent_dirs(tx, &self.namespace, name))?;
+        self.root.ready(&dirs)?;
+        Ok(dirs)
     }
 
     /// Whether a layer applied into [`Snapshotter::apply_dirs`] must be
     /// written as an overlay upper (and with `userxattr`).
     pub fn overlay_upper(&self) -> Option<bool> {
         self.root.backend.overlay_upper()
+    }
+
+    /// Whether an unpack indexes each layer's tar beside the active
+    /// snapshot's `fs` instead of applying it there.
+    pub fn indexes_layers(&self) -> bool {
+        self.root.backend.indexes_layers()
     }
 }

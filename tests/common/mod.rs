@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod hostile;
+pub mod mounts;
 pub mod proxy;
 pub mod trap;
 pub mod tree;
@@ -18,6 +19,29 @@ macro_rules! require_root {
             return;
         }
     };
+}
+
+/// Whether the kernel lists what hoist's EROFS images need; if not, says
+/// that `what` is skipped. Where it does, an erofs failure is a failure.
+pub fn erofs_listed(what: &str) -> bool {
+    if hoist::erofs::kernel_lists_features() {
+        return true;
+    }
+    eprintln!(
+        "skipping {what} on erofs: the kernel lists no EROFS device_table and chunked_file \
+         (/sys/fs/erofs/features)"
+    );
+    false
+}
+
+/// The snapshotters to pull with: overlayfs, native, and erofs where the
+/// kernel lists its features.
+pub fn snapshotters(what: &str) -> Vec<&'static str> {
+    let mut out = vec!["overlayfs", "native"];
+    if erofs_listed(what) {
+        out.push("erofs");
+    }
+    out
 }
 
 use hoist::descriptor::{Descriptor, Platform};
