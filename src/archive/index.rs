@@ -55,6 +55,7 @@ pub fn index_layer(
     let mut tee = Tee::new(&mut hashed, Some(out));
     let read = super::read_layer(
         &mut tee,
+        None,
         compression,
         &mut builder,
         |b, e, tar| {
@@ -124,8 +125,11 @@ pub fn reindex_layer(
     let mut builder = Builder::new(below, userxattr);
     let mut staging = Staging::new(dir.join(STAGING));
     let mut tee = Tee::<_, File>::new(file, None);
+    // Only headers (and sparse files' data) are read again: the rest of
+    // the kept tar is seeked over.
     super::read_layer(
         &mut tee,
+        Some(|tee: &mut &mut Tee<File, File>, n| tee.skip(n)),
         Compression::None,
         &mut builder,
         |b, e, tar| {
@@ -278,6 +282,28 @@ impl<R: Read, W: Write> Tee<R, W> {
     }
 }
 
+impl Tee<File, File> {
+    /// Skips `n` bytes of a kept tar (nothing is copied from it): what is
+    /// buffered, then a seek no further than the file's end.
+    fn skip(&mut self, n: u64) -> io::Result<u64> {
+        use std::io::Seek;
+        let buffered = n.min((self.filled - self.pos) as u64);
+        self.consume(buffered as usize);
+        let rest = n - buffered;
+        if rest == 0 {
+            return Ok(n);
+        }
+        let at = self.inner.stream_position()?;
+        let len = self.inner.metadata()?.len();
+        let step = rest.min(len.saturating_sub(at));
+        self.inner.seek(io::SeekFrom::Current(
+            i64::try_from(step).unwrap_or(i64::MAX),
+        ))?;
+        self.consumed += step;
+        Ok(buffered + step)
+    }
+}
+
 /// A writer that hands back what it wraps once flushed.
 trait IntoInnerWriter: Write {
     type Inner;
@@ -365,5 +391,25 @@ mod tests {
         seen.extend_from_slice(&rest);
         assert_eq!(seen, data);
         assert_eq!(tee.out.take().unwrap(), data);
+    }
+
+    /// A kept tar is skipped by seeking, never past its end.
+    #[test]
+    fn skipping_a_file_seeks_and_stops_at_its_end() {
+        use std::fs::File;
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+        std::io::Seek::rewind(&mut f).unwrap();
+        let mut tee = Tee::<File, File>::new(f, None);
+        assert_eq!(tee.fill_buf().unwrap()[0], 0);
+        assert_eq!(tee.skip(10).unwrap(), 10);
+        assert_eq!(tee.fill_buf().unwrap()[0], data[10]);
+        assert_eq!(tee.skip(200_000).unwrap(), 200_000);
+        assert_eq!(tee.consumed, 200_010);
+        assert_eq!(tee.fill_buf().unwrap()[0], data[200_010]);
+        assert_eq!(tee.skip(1_000_000).unwrap(), 99_990);
+        assert!(tee.fill_buf().unwrap().is_empty());
     }
 }

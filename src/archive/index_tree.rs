@@ -836,32 +836,38 @@ impl Builder {
         Ok(node)
     }
 
-    /// The tree with only what the root reaches, renumbered.
+    /// The tree with only what the root reaches, renumbered. Inodes and
+    /// names move across, so the tree is never held twice.
     pub fn into_tree(self) -> Tree {
-        let old = self.tree;
+        let mut old = self.tree;
+        let take = |inodes: &mut Vec<Inode>, id: NodeId| {
+            std::mem::replace(&mut inodes[id as usize], fresh(Time::default(), 0, 0, 0))
+        };
         let mut map: Vec<Option<NodeId>> = vec![None; old.inodes.len()];
-        let mut out = Tree::new(old.inodes[ROOT as usize].clone());
+        let mut out = Tree::new(take(&mut old.inodes, ROOT));
         map[ROOT as usize] = Some(ROOT);
         let mut queue = std::collections::VecDeque::from([ROOT]);
         while let Some(dir) = queue.pop_front() {
-            let Some(entries) = old.dirs.get(&dir) else {
+            let Some(entries) = old.dirs.remove(&dir) else {
                 continue;
             };
             let new_dir = map[dir as usize].unwrap_or(ROOT);
             let mut children = BTreeMap::new();
-            for (name, &child) in entries {
+            for (name, child) in entries {
                 let id = match map[child as usize] {
                     Some(id) => id,
                     None => {
-                        let id = out.add(old.inodes[child as usize].clone());
+                        let inode = take(&mut old.inodes, child);
+                        let is_dir = inode.is_dir();
+                        let id = out.add(inode);
                         map[child as usize] = Some(id);
-                        if old.inodes[child as usize].is_dir() {
+                        if is_dir {
                             queue.push_back(child);
                         }
                         id
                     }
                 };
-                children.insert(name.clone(), id);
+                children.insert(name, id);
             }
             out.dirs.insert(new_dir, children);
         }

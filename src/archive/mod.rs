@@ -195,12 +195,16 @@ fn drain(mut rest: impl Read, compression: Compression) -> Result<(), ArchiveErr
 /// digest covers it.
 fn read_layer<B: BufRead, S>(
     buffered: B,
+    seek: Option<reader::Seek<B>>,
     compression: Compression,
     state: &mut S,
     mut each: impl FnMut(&mut S, &reader::Entry, &mut reader::TarReader<B>) -> Result<(), ArchiveError>,
     finish: impl FnOnce(&mut S) -> Result<(), ArchiveError>,
 ) -> Result<(), ArchiveError> {
     let mut tar = reader::TarReader::new(buffered, compression);
+    if let Some(seek) = seek {
+        tar = tar.with_seek(seek);
+    }
     let applied = (|| {
         while let Some(entry) = tar.next_entry()? {
             each(state, &entry, &mut tar)?;
@@ -246,6 +250,7 @@ pub fn apply_layer(
     let mut applier = apply::Applier::new(root, &opts.whiteouts)?;
     read_layer(
         BufReader::with_capacity(BUF_SIZE, &mut hashed),
+        None,
         compression,
         &mut applier,
         |a, entry, tar| a.apply(entry, tar),

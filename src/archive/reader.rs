@@ -172,7 +172,12 @@ pub(super) struct TarReader<R> {
     padding: u64,
     /// The current entry's name, for errors.
     current: String,
+    /// Skips bytes without reading them, where the stream can (a file).
+    seek: Option<Seek<R>>,
 }
+
+/// Skips up to `n` bytes of the stream; returns how many there were.
+pub(super) type Seek<R> = fn(&mut R, u64) -> io::Result<u64>;
 
 impl<R: BufRead> TarReader<R> {
     pub fn new(inner: R, compression: Compression) -> Self {
@@ -182,7 +187,14 @@ impl<R: BufRead> TarReader<R> {
             remaining: 0,
             padding: 0,
             current: String::new(),
+            seek: None,
         }
+    }
+
+    /// Data the caller does not read is skipped with `seek`.
+    pub fn with_seek(mut self, seek: Seek<R>) -> Self {
+        self.seek = Some(seek);
+        self
     }
 
     pub fn into_inner(self) -> R {
@@ -588,6 +600,9 @@ impl<R: BufRead> TarReader<R> {
 
     /// Discards up to `n` bytes; returns how many there were.
     fn discard(&mut self, mut n: u64) -> Result<u64, ArchiveError> {
+        if let Some(seek) = self.seek {
+            return seek(&mut self.inner, n).map_err(|e| self.stream(e));
+        }
         let start = n;
         while n > 0 {
             let avail = match self.inner.fill_buf() {

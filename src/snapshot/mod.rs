@@ -248,3 +248,31 @@ pub fn garbage_collect(
         .collect();
     Ok(db.garbage_collect(&collectors)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::open;
+
+    /// The default is for new roots only: one made with another backend
+    /// keeps it, whatever this host would choose now.
+    #[test]
+    fn an_existing_root_keeps_its_snapshotter() {
+        for made in ["native", "overlayfs"] {
+            let dir = tempfile::tempdir().unwrap();
+            let db = crate::metadata::Db::open(dir.path()).unwrap();
+            open(&db, Some(made)).unwrap();
+            assert_eq!(open(&db, None).unwrap().name(), made);
+        }
+    }
+
+    #[test]
+    fn an_unknown_snapshotter_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::metadata::Db::open(dir.path()).unwrap();
+        let err = open(&db, Some("zfs")).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("\"zfs\"") && e.contains("erofs"))
+        );
+    }
+}
