@@ -190,7 +190,29 @@ impl HostsConfig {
             },
             None => FileConfig::default(),
         };
+        Ok(self.hosts(registry, file))
+    }
 
+    /// What [`hosts_for`](Self::hosts_for) returns for `registry` when its
+    /// `hosts.toml` at `path` holds `text`, without reading anything:
+    /// relative certificate paths are joined onto `path`'s directory.
+    pub fn hosts_from_toml(
+        &self,
+        registry: &str,
+        path: &Path,
+        text: &str,
+    ) -> Result<Vec<RegistryHost>, HostsError> {
+        Self::check_registry(registry)?;
+        let file = FileParser {
+            path,
+            base_dir: path.parent().unwrap_or(Path::new("")),
+            text,
+        }
+        .parse()?;
+        Ok(self.hosts(registry, file))
+    }
+
+    fn hosts(&self, registry: &str, file: FileConfig) -> Vec<RegistryHost> {
         let mut hosts = Vec::with_capacity(file.mirrors.len() + 1);
         for (endpoint, settings) in file.mirrors {
             hosts.push(registry_host(endpoint, settings, registry));
@@ -199,7 +221,7 @@ impl HostsConfig {
             .server
             .unwrap_or_else(|| self.default_upstream(registry));
         hosts.push(registry_host(upstream, file.root, registry));
-        Ok(hosts)
+        hosts
     }
 
     fn default_upstream(&self, registry: &str) -> Endpoint {
@@ -1375,6 +1397,28 @@ server = "https://docker.io"
                 (dir.join("lone.cert"), None),
             ]
         );
+    }
+
+    #[test]
+    fn hosts_from_toml_reads_the_text_as_hosts_for_reads_the_file() {
+        let text = r#"
+server = "https://registry.example:5000"
+ca = "ca.pem"
+[host."http://mirror:5000"]
+  capabilities = ["pull"]
+  client = [["./client.cert", "client.key"]]
+"#;
+        let (tmp, config) = config_with("registry.example:5000", text);
+        let path = tmp.path().join("registry.example:5000").join(HOSTS_FILE);
+        let hosts = config
+            .hosts_from_toml("registry.example:5000", &path, text)
+            .unwrap();
+        assert_eq!(hosts, config.hosts_for("registry.example:5000").unwrap());
+        assert_eq!(hosts[1].ca, [path.with_file_name("ca.pem")]);
+        assert!(matches!(
+            config.hosts_from_toml("../etc", &path, text),
+            Err(HostsError::InvalidRegistry { .. })
+        ));
     }
 
     #[test]
