@@ -51,7 +51,7 @@ pub fn index_layer(
     let below = open_below(below, userxattr)?;
     let mut builder = Builder::new(below, userxattr);
     let mut staging = Staging::new(dir.join(STAGING));
-    let out = BufWriter::with_capacity(1 << 20, tar_file);
+    let out = BufWriter::with_capacity(1 << 20, Writeback::new(tar_file));
     let mut tee = Tee::new(&mut hashed, Some(out));
     let read = super::read_layer(
         &mut tee,
@@ -310,10 +310,62 @@ trait IntoInnerWriter: Write {
     fn into_inner_writer(self) -> io::Result<Self::Inner>;
 }
 
-impl IntoInnerWriter for BufWriter<File> {
+impl IntoInnerWriter for BufWriter<Writeback> {
     type Inner = File;
     fn into_inner_writer(self) -> io::Result<File> {
-        self.into_inner().map_err(|e| e.into_error())
+        self.into_inner()
+            .map(|w| w.file)
+            .map_err(|e| e.into_error())
+    }
+}
+
+/// How much of the kept tar is written before its writeback is started.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+
+/// The kept tar, its writeback started as it is written: the fsync before
+/// the commit then waits for the last few megabytes, not the whole layer,
+/// and the disk works while the layer still decompresses.
+struct Writeback {
+    file: File,
+    written: u64,
+    started: u64,
+}
+
+impl Writeback {
+    fn new(file: File) -> Self {
+        Writeback {
+            file,
+            written: 0,
+            started: 0,
+        }
+    }
+}
+
+impl Write for Writeback {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.started >= WRITEBACK_WINDOW {
+            use std::os::fd::AsRawFd;
+            let (from, len) = (self.started, self.written - self.started);
+            // SAFETY: a plain syscall on an fd this struct owns; the range
+            // is what was written. It only starts writeback: a failure
+            // (ENOSYS, say) leaves the fsync at commit to do all of it.
+            let _ = unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    i64::try_from(from).unwrap_or(i64::MAX),
+                    i64::try_from(len).unwrap_or(i64::MAX),
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            self.started = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
     }
 }
 

@@ -98,10 +98,17 @@ pub fn kernel_support() -> Result<(), String> {
     Ok(())
 }
 
-/// [`kernel_support`], then [`probe`] in the system's temporary directory.
-pub fn supported() -> Result<(), String> {
+/// [`kernel_support`], then [`probe`] in `dir`: a file-backed mount needs
+/// its files on a filesystem the kernel can read pages of for it (not
+/// tmpfs, say), so the probe runs where the layers will be.
+pub fn supported(dir: &Path) -> Result<(), String> {
     kernel_support()?;
-    probe(&std::env::temp_dir())
+    probe(dir).map_err(|e| {
+        format!(
+            "{e} (the filesystem of {} cannot back a file-backed EROFS mount)",
+            dir.display()
+        )
+    })
 }
 
 /// Writes a one-file layer in a fresh directory under `dir`, mounts it and
@@ -200,6 +207,39 @@ mod tests {
             eprintln!("skipped: {why}");
             return;
         }
-        supported().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        supported(dir.path()).unwrap();
+    }
+
+    /// tmpfs cannot back a file-backed mount: the probe says so where the
+    /// layers would be, and a new root there falls back to overlayfs.
+    #[test]
+    fn a_tmpfs_root_cannot_hold_erofs_layers_as_root() {
+        if let Err(why) = kernel_support() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let tmpfs = dir.path().join("tmpfs");
+        std::fs::create_dir(&tmpfs).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &tmpfs,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=16m"),
+        )
+        .unwrap();
+        let probed = supported(&tmpfs);
+        let db = crate::metadata::Db::open(&tmpfs.join("root")).unwrap();
+        let chosen = crate::snapshot::open(&db, None).map(|r| r.name());
+        drop(db);
+        crate::mount::unmount_all(&tmpfs).unwrap();
+        let why = probed.unwrap_err();
+        assert!(
+            why.contains("cannot back a file-backed EROFS mount"),
+            "{why}"
+        );
+        assert_eq!(chosen.unwrap(), "overlayfs");
     }
 }

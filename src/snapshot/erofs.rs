@@ -32,14 +32,14 @@ impl Default for Erofs {
     }
 }
 
-/// Whether this host can use the backend: overlayfs works under `root`
-/// and the kernel mounts a file-backed EROFS image with a device table and
-/// chunked files. `Err` says what is missing.
+/// Whether this host can use the backend under `root`: overlayfs works
+/// there and the kernel mounts a file-backed EROFS image from files there
+/// with a device table and chunked files. `Err` says what is missing.
 pub fn supported(root: &Path) -> std::result::Result<(), String> {
     if !super::overlay::supported(root) {
         return Err("overlayfs is not usable here".into());
     }
-    crate::erofs::mount::supported()
+    crate::erofs::mount::supported(root)
 }
 
 /// Whether `dir` holds an indexed layer.

@@ -186,7 +186,12 @@ pub fn open(
     private_dir(&snapshots)?;
     let existing = NAMES.into_iter().find(|n| snapshots.join(n).is_dir());
     let backend: Box<dyn Backend> = match name.or(existing) {
-        Some("erofs") => Box::new(erofs::Erofs::new()),
+        Some("erofs") => {
+            erofs::supported(&snapshots).map_err(|why| {
+                Error::FailedPrecondition(format!("the erofs snapshotter cannot work here: {why}"))
+            })?;
+            Box::new(erofs::Erofs::new())
+        }
         Some("overlayfs") | Some("overlay") => Box::new(overlay::Overlay::new()),
         Some("native") => Box::new(native::Native),
         Some(other) => {
