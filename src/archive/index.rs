@@ -464,4 +464,26 @@ mod tests {
         assert_eq!(tee.skip(1_000_000).unwrap(), 99_990);
         assert!(tee.fill_buf().unwrap().is_empty());
     }
+
+    /// A layer that fails after a sparse file was staged leaves only what
+    /// it had written of the tar (found by fuzz/tar_index).
+    #[test]
+    fn a_failed_index_leaves_no_staging_file() {
+        let layer = include_bytes!("../../fuzz/corpus/tar_index/crash_staging_left_on_error.tar");
+        let dir = tempfile::tempdir().unwrap();
+        let got = super::index_layer(
+            dir.path(),
+            &layer[..],
+            super::Compression::None,
+            &super::IndexBelow::Nothing,
+            false,
+        );
+        assert!(got.is_err(), "{got:?}");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [super::LAYER_TAR]);
+    }
 }

@@ -76,6 +76,15 @@ impl Staging {
     }
 }
 
+/// A failed index leaves no staging file behind (found by fuzz/tar_index).
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// A staged file being filled: chunks are allocated as data reaches them.
 struct Stager {
     chunkbits: u8,
