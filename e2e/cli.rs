@@ -92,7 +92,7 @@ async fn every_command_prints_the_same_on_a_root_and_through_the_daemon_as_root(
         false,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let (bare, served) = (dir.path().join("bare"), dir.path().join("served"));
     for run in [&bare, &served] {
         std::fs::create_dir_all(run.join("plain")).unwrap();
@@ -233,7 +233,7 @@ async fn events_follow_a_cri_pull_as_root() {
         false,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     let daemon = Daemon::start(&root, &dir.path().join("hoist.sock"), &[]);
 
@@ -324,7 +324,7 @@ async fn ps_shows_pulls_in_flight_from_cri_and_the_command_line_as_root() {
     // One byte a second: the layer stays in flight for the whole test.
     proxy.target(&slow.layers[0].digest);
     proxy.faults.lock().push(Fault::Trickle);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     let daemon = Daemon::start(&root, &dir.path().join("hoist.sock"), &[]);
     let reference = format!("{}/cli/slow:1", proxy.addr);

@@ -205,7 +205,7 @@ fn start(dir: &Path) -> Daemon {
 #[tokio::test(flavor = "multi_thread")]
 async fn snapshot_lifecycle_over_the_socket_as_root() {
     require_root!();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let d = start(dir.path());
     let mode = std::fs::metadata(&d.snapshots_socket)
         .unwrap()
@@ -407,7 +407,7 @@ async fn hoist_pulled_layers_serve_as_remote_snapshots_as_root() {
     let chain = hoist::images::chain_ids(&[diff_id(&layers[0]), diff_id(&layers[1])]);
     let (c0, c1) = (chain[0].to_string(), chain[1].to_string());
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let d = start(dir.path());
     let image = format!("{}/snap/app:v1", reg.addr);
     let mut cri = d.client().await;

@@ -101,7 +101,7 @@ async fn every_rpc_over_the_socket_as_root() {
         &fetch_manifest(&reg, "cri/app", "v1").await,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     let socket = dir.path().join("run/hoist.sock");
     let mut daemon = Daemon::start(&root, &socket, &[]);
@@ -283,7 +283,7 @@ async fn twenty_concurrent_pulls_fetch_each_blob_once_as_root() {
         false,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let daemon = Daemon::start(
         &dir.path().join("root"),
         &dir.path().join("hoist.sock"),
@@ -332,7 +332,7 @@ async fn restart_keeps_images_and_a_sigtermed_pull_resumes_as_root() {
         false,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     let socket = dir.path().join("hoist.sock");
     let mut daemon = Daemon::start(&root, &socket, &[]);
@@ -468,7 +468,7 @@ async fn truncated_image_ids_as_root() {
     assert_eq!(&twin_a[..19], "sha256:4209349a68a2", "{twin_a}");
     assert_eq!(&twin_b[..19], "sha256:4209349a68a2", "{twin_b}");
     assert_ne!(twin_a[..20], twin_b[..20]);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let daemon = Daemon::start(
         &dir.path().join("root"),
         &dir.path().join("hoist.sock"),

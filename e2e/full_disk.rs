@@ -26,7 +26,7 @@ const ZEROS: usize = 64 << 20;
 /// A filesystem in a file, loop-mounted at `mnt` until dropped.
 struct Fs {
     mnt: PathBuf,
-    _dir: tempfile::TempDir,
+    _dir: common::mounts::TempRoot,
 }
 
 impl Fs {
@@ -42,7 +42,7 @@ impl Fs {
             eprintln!("skipped: {mkfs} is not installed (apt-get install xfsprogs)");
             return None;
         }
-        let dir = tempfile::tempdir().unwrap();
+        let dir = common::mounts::TempRoot::new();
         let image = dir.path().join(format!("{kind}.img"));
         std::fs::File::create(&image)
             .unwrap()
@@ -229,7 +229,7 @@ async fn full_disk(kind: &str, case: Case) {
     let images = hoist_ok(&root, &["images", "-q"]);
     assert!(images.contains(&small), "{images}");
     assert!(!images.contains(&big), "{kind} {case:?}: {images}");
-    let view = tempfile::tempdir().unwrap();
+    let view = common::mounts::TempRoot::new();
     let view_dir = view.path().join("small");
     let mount_small = || {
         let (mounted, text) = hoist_cli(&root, &["mount", &small, view_dir.to_str().unwrap()]);

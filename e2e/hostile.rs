@@ -28,7 +28,7 @@ async fn refused_by_the_daemon(name: &str, layer: &HostileLayer, entry: &str) {
     let pushed = push_hostile(&reg, &repo, "1", layer).await;
     let digest = pushed.layers[0].digest.to_string();
     let image = format!("{}/{repo}:1", reg.addr);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     let mut daemon = Daemon::start(&root, &dir.path().join("hoist.sock"), &[]);
     let mut client = daemon.client().await;

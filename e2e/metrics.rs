@@ -265,7 +265,7 @@ async fn pulls_removals_and_rpcs_show_in_the_metrics_as_root() {
         false,
     )
     .await;
-    let dir = tempfile::tempdir().expect("a temp dir");
+    let dir = common::mounts::TempRoot::new();
     let (root, socket) = (dir.path().join("root"), dir.path().join("run/hoist.sock"));
     let address = format!("127.0.0.1:{}", free_port());
     let options = Options {

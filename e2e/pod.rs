@@ -212,7 +212,7 @@ fn blob_gets(log: &str, digest: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_runs_from_hoists_snapshots_as_root() {
     require_root!();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let reg = Registry::start_logged();
     let busybox = push_runnable(
         &reg,

@@ -280,7 +280,7 @@ async fn fifty_cri_clients_with_gc_running_as_root() {
         .unwrap_or(10);
     let reg = Registry::start();
     let images = Arc::new(push_images(&reg).await);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     let daemon = Daemon::start(&root, &dir.path().join("run/hoist.sock"), &[]);
 

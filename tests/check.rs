@@ -39,7 +39,7 @@ fn writable(path: &Path) {
 /// (which needs no root), and what a test needs to name its parts.
 struct Pulled {
     _reg: Registry,
-    _dir: tempfile::TempDir,
+    _dir: common::mounts::TempRoot,
     root: PathBuf,
     name: String,
     manifest: Digest,
@@ -60,7 +60,7 @@ impl Pulled {
             false,
         )
         .await;
-        let dir = tempfile::tempdir().unwrap();
+        let dir = common::mounts::TempRoot::new();
         let root = dir.path().join("root");
         let name = format!("{}/check/app:1", reg.addr);
         let (code, out, err) = hoist(

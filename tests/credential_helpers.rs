@@ -44,7 +44,7 @@ async fn hoist_pull_uses_the_docker_credential_helper() {
         false,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let (bin, docker) = (dir.path().join("bin"), dir.path().join("docker"));
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::create_dir_all(&docker).unwrap();

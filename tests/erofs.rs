@@ -19,7 +19,7 @@ use std::path::Path;
 /// Skips (saying why) where the kernel cannot mount hoist's images, and
 /// fails where it says it can but they do not work.
 fn erofs_usable() -> bool {
-    let probe = tempfile::tempdir().unwrap();
+    let probe = common::mounts::TempRoot::new();
     match hoist::snapshot::erofs::supported(probe.path()) {
         Ok(()) => true,
         Err(why) => {
@@ -214,7 +214,7 @@ async fn erofs_trees_equal_overlay_trees_as_root() {
     let layers = layers();
     let diffs = push(&reg, "erofs/rich", &layers).await;
     let r = format!("{}/erofs/rich:1", reg.addr);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let mut trees = Vec::new();
     for (snapshotter, sequential) in [
         ("overlayfs", true),
@@ -314,7 +314,7 @@ async fn indexed_layers_mount_again_after_a_reboot_and_go_with_their_image_as_ro
     let layers = layers();
     push(&reg, "erofs/again", &layers).await;
     let r = format!("{}/erofs/again:1", reg.addr);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     hoist_ok(&root, &["pull", "--hosts-dir", "/nonexistent", &r]);
     let layer_mounts = mounts_under(&root);

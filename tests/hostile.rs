@@ -30,7 +30,7 @@ async fn refused_leaving_nothing(name: &str, layer: &HostileLayer, entry: &str) 
     let pushed = push_hostile(&reg, &repo, "1", layer).await;
     let digest = pushed.layers[0].digest.to_string();
     let r = format!("{}/{repo}:1", reg.addr);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     for snapshotter in snapshotters(name) {
         let root = dir.path().join(snapshotter);
         let start = Instant::now();

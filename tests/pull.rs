@@ -100,7 +100,7 @@ async fn multi_platform_index_by_tag_digest_and_untagged() {
     )
     .await;
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_secs(30));
     let progress = Progress::default();
     let r = format!("{}/multi/app:v1", reg.addr);
@@ -236,7 +236,7 @@ async fn a_blob_shared_by_two_images_is_fetched_once() {
         false,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_secs(30));
     let (pa, pb) = (Progress::default(), Progress::default());
     let (ra, rb) = (
@@ -276,7 +276,7 @@ async fn interrupted_blob_resumes_with_range() {
         false,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_secs(30));
     proxy.target(&img.layers[0].digest);
     proxy.faults.lock().push(Fault::DropMidBlob);
@@ -316,7 +316,7 @@ async fn a_dominant_layer_is_fetched_in_parallel_parts() {
     proxy.target(&big.digest);
     // The first part is cut off halfway and resumes within its range.
     proxy.faults.lock().push(Fault::DropMidBlob);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller_with(dir.path(), Duration::from_secs(30), ranged);
     pull(&p, &r).await.unwrap();
     let mut blob = p.db().content_store(NS).reader_at(&big.digest).unwrap();
@@ -353,7 +353,7 @@ async fn a_dominant_layer_is_fetched_in_parallel_parts() {
         .faults
         .lock()
         .extend([Fault::IgnoreRange, Fault::Pass]);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller_with(dir.path(), Duration::from_secs(30), ranged);
     pull(&p, &r).await.unwrap();
     assert!(proxy.faults.lock().is_empty());
@@ -363,7 +363,7 @@ async fn a_dominant_layer_is_fetched_in_parallel_parts() {
     // A registry that ignores the first part's range: one stream instead.
     proxy.seen.lock().clear();
     proxy.faults.lock().push(Fault::IgnoreRange);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller_with(dir.path(), Duration::from_secs(30), ranged);
     pull(&p, &r).await.unwrap();
     assert!(p.db().content_store(NS).info(&big.digest).is_ok());
@@ -384,7 +384,7 @@ async fn resumes_an_ingest_left_by_an_earlier_process() {
         false,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     {
         // An earlier pull wrote a third of the layer, then died.
         let db = Db::open(dir.path()).unwrap();
@@ -427,7 +427,7 @@ async fn faults_are_retried_until_the_blob_arrives() {
         Fault::TooManyRequests,
         Fault::ServerError,
     ]);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_secs(30));
     pull(&p, &format!("{}/faults/app:1", proxy.addr))
         .await
@@ -460,7 +460,7 @@ async fn a_trickle_trips_the_progress_timeout_and_leaves_no_trace() {
     )
     .await;
     proxy.faults.lock().extend([Fault::Trickle, Fault::Trickle]);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_millis(400));
     let err = pull(&p, &format!("{}/slow/app:1", proxy.addr))
         .await
@@ -515,7 +515,7 @@ async fn damaged_or_missing_blobs_fail_naming_the_digest() {
         ("bad/short", &short.layers[0].digest),
         ("bad/missing", &missing.layers[0].digest),
     ] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = common::mounts::TempRoot::new();
         let p = puller(dir.path(), Duration::from_secs(10));
         let err = pull(&p, &format!("{}/{repo}:1", reg.addr))
             .await
@@ -537,7 +537,7 @@ async fn damaged_or_missing_blobs_fail_naming_the_digest() {
 #[tokio::test]
 async fn unknown_references_and_media_types_are_named() {
     let reg = Registry::start();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_secs(10));
     let err = pull(&p, &format!("{}/nothing/here:1", reg.addr))
         .await
@@ -584,7 +584,7 @@ async fn command_line_pull_images_rmi() {
         true,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let hoist = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_hoist"))
             .arg("--root")
@@ -630,7 +630,7 @@ async fn basic_auth_with_the_registrys_htpasswd() {
     )
     .await;
     let r = format!("{}/private/app:1", reg.addr);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_secs(10));
     let err = pull(&p, &r).await.unwrap_err();
     assert!(
@@ -674,7 +674,7 @@ async fn bearer_token_challenge_with_a_cached_token() {
     .await;
     proxy.require_bearer("bob", "pw");
     let r = format!("{}/tok/app:1", proxy.addr);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_secs(10));
     let err = pull(&p, &r).await.unwrap_err();
     assert!(err.to_string().contains("denied"), "{err}");
@@ -707,7 +707,7 @@ async fn gzip_zstd_and_uncompressed_layers_are_fetched() {
     }
     let config = serde_json::json!({"os": "linux"});
     push_manifest_over(&reg, "mixed/app", Some("1"), false, &config, &layers).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_secs(10));
     let pulled = pull(&p, &format!("{}/mixed/app:1", reg.addr))
         .await
@@ -752,7 +752,7 @@ async fn platforms_pulled_one_after_another_all_survive_gc() {
         ],
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_secs(10));
     let r = format!("{}/plat/app:1", reg.addr);
     let other_platform =
@@ -811,7 +811,7 @@ async fn credentials_go_only_to_the_host_their_server_address_names() {
     .await;
     // A mirror on another port that asks every client for a password.
     let mirror = common::trap::AuthTrap::start().await;
-    let hosts = tempfile::tempdir().unwrap();
+    let hosts = common::mounts::TempRoot::new();
     std::fs::create_dir_all(hosts.path().join(&reg.addr)).unwrap();
     std::fs::write(
         hosts.path().join(&reg.addr).join("hosts.toml"),
@@ -826,7 +826,7 @@ async fn credentials_go_only_to_the_host_their_server_address_names() {
 
     // Scoped to the upstream (as kubelet's server_address does): the mirror
     // is asked anonymously, the upstream gets them.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller_with_hosts(dir.path(), hosts.path(), None);
     let scoped = PullOptions {
         credentials: Some(alice().only_for_server_address(&format!("https://{}/v1/", reg.addr))),
@@ -838,7 +838,7 @@ async fn credentials_go_only_to_the_host_their_server_address_names() {
     assert_eq!(mirror.authorizations(), Vec::<String>::new());
 
     // Scoped to the mirror: the upstream gets nothing and refuses.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller_with_hosts(dir.path(), hosts.path(), None);
     let elsewhere = PullOptions {
         credentials: Some(alice().only_for_server_address(&format!("http://{}", mirror.addr))),
@@ -852,7 +852,7 @@ async fn credentials_go_only_to_the_host_their_server_address_names() {
     assert_eq!(mirror.authorizations().len(), 1, "the mirror got its own");
 
     // A docker config.json entry for the upstream is not the mirror's either.
-    let auth_dir = tempfile::tempdir().unwrap();
+    let auth_dir = common::mounts::TempRoot::new();
     let config = auth_dir.path().join("config.json");
     std::fs::write(
         &config,
@@ -862,14 +862,14 @@ async fn credentials_go_only_to_the_host_their_server_address_names() {
         ),
     )
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller_with_hosts(dir.path(), hosts.path(), Some(config));
     pull(&p, &r).await.unwrap();
     assert_eq!(mirror.authorizations().len(), 1);
 
     // Without a server address they are for every host, mirrors included,
     // as containerd does.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller_with_hosts(dir.path(), hosts.path(), None);
     let everywhere = PullOptions {
         credentials: Some(alice().only_for_server_address("")),
@@ -913,7 +913,7 @@ async fn index_entries_without_a_platform_come_last_and_configs_are_checked() {
         false,
     )
     .await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_secs(10));
     let host = Some(("linux", host_arch()));
     let other = Some(("linux", other_arch()));
@@ -1080,7 +1080,7 @@ async fn ambiguous_manifests_and_indexes_are_refused() {
                 &body,
             );
         }
-        let dir = tempfile::tempdir().unwrap();
+        let dir = common::mounts::TempRoot::new();
         let p = puller(dir.path(), Duration::from_secs(10));
         let err = pull(&p, &format!("{}/{repo}:{tag}", proxy.addr))
             .await
@@ -1105,7 +1105,7 @@ async fn ambiguous_manifests_and_indexes_are_refused() {
         hoist::digest::Digest::of(body.as_bytes()),
         body.len() as u64,
     );
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let p = puller(dir.path(), Duration::from_secs(10));
     let store = p.db().content_store(NS);
     hoist::content::write_blob(&store, "seed", body.as_bytes(), &desc, Default::default()).unwrap();

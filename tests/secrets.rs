@@ -250,7 +250,7 @@ async fn no_secret_reaches_a_log_the_database_or_the_root_as_root() {
         (proxy.addr.clone(), bearer_user, bearer_password.clone()),
     ];
 
-    let dir = tempfile::tempdir().expect("a temporary directory");
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     let no_docker = dir.path().join("no-docker");
     let docker = dir.path().join("docker");

@@ -174,7 +174,7 @@ async fn pull_in_tmux(
     let proxy = Proxy::start(reg.addr.clone()).await;
     proxy.target(&img.layers[1].digest);
     proxy.faults.lock().push(Fault::Hold);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let reference = format!("{}/display/app:1", proxy.addr);
     // The pane stays after the pull so that its text can be read.
     let command = format!(

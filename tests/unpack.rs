@@ -106,7 +106,7 @@ async fn pull_mount_compare(snapshotter: &str) {
     let layers = layers();
     let diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
     push_layers(&reg, "unpack/app", "1", &layers, &diffs).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     let r = format!("{}/unpack/app:1", reg.addr);
     let out = hoist_ok(
@@ -182,7 +182,7 @@ async fn a_wrong_diff_id_fails_and_leaves_no_snapshot_as_root() {
     let mut diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
     diffs[1] = Digest::of(b"not the layer");
     push_layers(&reg, "unpack/bad", "1", &layers, &diffs).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     let r = format!("{}/unpack/bad:1", reg.addr);
     for snapshotter in snapshotters("the wrong diff_id") {
@@ -234,7 +234,7 @@ async fn parallel_and_sequential_unpack_give_identical_trees_as_root() {
     ])));
     let diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
     push_layers(&reg, "unpack/same", "1", &layers, &diffs).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let r = format!("{}/unpack/same:1", reg.addr);
     let mut runs = vec![
         ("overlayfs", "sequential", Some("--sequential-unpack")),
@@ -337,7 +337,7 @@ async fn layers_stream_once_through_faults_and_parts_as_root() {
     ])));
     let diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
     push_layers(&reg, "stream/app", "1", &layers, &diffs).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let direct = format!("{}/stream/app:1", reg.addr);
     let seq = dir.path().join("sequential");
     let args = [
@@ -416,7 +416,7 @@ async fn a_damaged_layer_applied_as_it_downloads_leaves_nothing_as_root() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&path, bytes).unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     let r = format!("{}/stream/bad:1", reg.addr);
     let err = pull_with(&root, &r, hoist::remote::RangedFetch::default(), false)
@@ -458,7 +458,7 @@ async fn concurrent_pulls_sharing_a_base_commit_it_once_as_root() {
         let diffs: Vec<Digest> = layers.iter().map(|l| diff_id(l)).collect();
         push_layers(&reg, &format!("shared/{name}"), "1", &layers, &diffs).await;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::mounts::TempRoot::new();
     let root = dir.path().join("root");
     let db = hoist::metadata::Db::open(&root).unwrap();
     let snapshots = hoist::snapshot::open(&db, Some("overlayfs")).unwrap();
@@ -518,7 +518,7 @@ async fn hoist_mount_is_nosuid_nodev_unless_asked_as_root() {
     push_layers(&reg, "unpack/suid", "1", &layers, &diffs).await;
     let r = format!("{}/unpack/suid:1", reg.addr);
     for snapshotter in ["overlayfs", "native"] {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = common::mounts::TempRoot::new();
         let root = dir.path().join("root");
         let pull = ["pull", "--hosts-dir", "/nonexistent", "--snapshotter"];
         hoist_ok(&root, &[&pull[..], &[snapshotter, &r]].concat());
