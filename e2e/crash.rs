@@ -377,45 +377,43 @@ async fn every_failpoint_in_both_modes_recovers_as_root() {
         }
     }
     for (point, mode, snapshotter) in cases {
-        {
-            let root = dir.path().join(format!("{point}-{mode}-{snapshotter}"));
-            let pull = pull_args_into(&r, snapshotter);
-            // GC runs in `hoist rmi`, of an image pulled first.
-            let collects = point.starts_with("gc-");
-            let faulted: Vec<&str> = if collects {
-                ok(&root, &pull).unwrap();
-                vec!["rmi", &r]
-            } else {
-                pull.clone()
-            };
-            let out = run(&root, &faulted, Some(&format!("{point}={mode}")));
-            let killed = out.status.signal() == Some(SIGKILL);
-            let injected = text(&out).contains(&format!("failpoint {point}"));
-            let case = format!("{point}={mode} ({snapshotter})");
-            match mode {
-                "abort" if !killed => {
-                    failures.push(format!("{case}: not killed: {}", text(&out)));
-                    continue;
-                }
-                "error" if killed || !injected => {
-                    failures.push(format!("{case}: no injected error: {}", text(&out)));
-                    continue;
-                }
-                "abort@2" if !killed => {
-                    unreached.push(point.to_string());
-                    // It ran to the end; the root must be as good.
-                }
-                _ => tried += 1,
+        let root = dir.path().join(format!("{point}-{mode}-{snapshotter}"));
+        let pull = pull_args_into(&r, snapshotter);
+        // GC runs in `hoist rmi`, of an image pulled first.
+        let collects = point.starts_with("gc-");
+        let faulted: Vec<&str> = if collects {
+            ok(&root, &pull).unwrap();
+            vec!["rmi", &r]
+        } else {
+            pull.clone()
+        };
+        let out = run(&root, &faulted, Some(&format!("{point}={mode}")));
+        let killed = out.status.signal() == Some(SIGKILL);
+        let injected = text(&out).contains(&format!("failpoint {point}"));
+        let case = format!("{point}={mode} ({snapshotter})");
+        match mode {
+            "abort" if !killed => {
+                failures.push(format!("{case}: not killed: {}", text(&out)));
+                continue;
             }
-            match recover_cli(&root, &r, snapshotter, &expected) {
-                Ok(recovery) => {
-                    recovered += usize::from(killed || injected);
-                    tally(&mut findings, &recovery);
-                }
-                Err(e) => failures.push(format!("{case}: {e}")),
+            "error" if killed || !injected => {
+                failures.push(format!("{case}: no injected error: {}", text(&out)));
+                continue;
             }
-            common::mounts::remove_tree(&root);
+            "abort@2" if !killed => {
+                unreached.push(point.to_string());
+                // It ran to the end; the root must be as good.
+            }
+            _ => tried += 1,
         }
+        match recover_cli(&root, &r, snapshotter, &expected) {
+            Ok(recovery) => {
+                recovered += usize::from(killed || injected);
+                tally(&mut findings, &recovery);
+            }
+            Err(e) => failures.push(format!("{case}: {e}")),
+        }
+        common::mounts::remove_tree(&root);
     }
     println!(
         "failpoints: {tried} crash points tried, {recovered} recovered; \

@@ -369,13 +369,6 @@ impl Write for Writeback {
     }
 }
 
-impl IntoInnerWriter for File {
-    type Inner = File;
-    fn into_inner_writer(self) -> io::Result<File> {
-        Ok(self)
-    }
-}
-
 impl<R: Read, W: Write> Read for Tee<R, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.pos < self.filled {

@@ -12,10 +12,8 @@ use std::io::{self, BufRead};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
-use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat, readlinkat};
 use nix::sys::stat::Mode;
-use nix::unistd::{Whence, lseek};
 
 use super::ArchiveError;
 use super::reader::{Entry, Kind, TarReader, Time};
@@ -798,34 +796,9 @@ impl Builder {
             .map_err(|err| copy_err(err.into()))?;
             let src = File::from(src);
             let mut stager = Stager::new(size);
-            let mut pos: u64 = 0;
-            while pos < size {
-                let data = match lseek(&src, pos as i64, Whence::SeekData) {
-                    Ok(d) => d as u64,
-                    Err(Errno::ENXIO) => break,
-                    Err(Errno::EINVAL) => pos,
-                    Err(err) => return Err(copy_err(err.into())),
-                };
-                let end = match lseek(&src, data as i64, Whence::SeekHole) {
-                    Ok(h) => (h as u64).min(size),
-                    Err(Errno::EINVAL) => size,
-                    Err(err) => return Err(copy_err(err.into())),
-                };
-                let mut off = data;
-                while off < end {
-                    let want = self
-                        .buf
-                        .len()
-                        .min(usize::try_from(end - off).unwrap_or(usize::MAX));
-                    let n = src.read_at(&mut self.buf[..want], off).map_err(copy_err)?;
-                    if n == 0 {
-                        break;
-                    }
-                    stager.write(staging, off, &self.buf[..n], display)?;
-                    off += n as u64;
-                }
-                pos = end.max(pos + 1);
-            }
+            whiteout::each_data_extent(&src, size, &mut self.buf, copy_err, |off, data| {
+                stager.write(staging, off, data, display)
+            })?;
             i.data = stager.finish();
         } else if ty == libc::S_IFLNK {
             let target = readlinkat(lower.parent.as_fd(), lower.name.as_slice())

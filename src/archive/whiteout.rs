@@ -298,33 +298,57 @@ impl Applier {
 
 /// Copies a file keeping its holes.
 fn copy_sparse(src: &File, dst: &File, size: i64, buf: &mut [u8]) -> io::Result<()> {
-    let mut pos: i64 = 0;
+    let size = u64::try_from(size).unwrap_or(0);
+    each_data_extent(
+        src,
+        size,
+        buf,
+        |e| e,
+        |off, data| dst.write_all_at(data, off),
+    )?;
+    dst.set_len(size)
+}
+
+/// Reads the first `size` bytes of `src` extent by extent, skipping its
+/// holes, and hands each piece read to `each` with its offset: a lower's
+/// file copied up keeps its holes, in a tree or in an index's staging.
+pub(super) fn each_data_extent<E>(
+    src: &File,
+    size: u64,
+    buf: &mut [u8],
+    read_err: impl Fn(io::Error) -> E,
+    mut each: impl FnMut(u64, &[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let at = |o: u64| i64::try_from(o).unwrap_or(i64::MAX);
+    let mut pos: u64 = 0;
     while pos < size {
-        let data = match lseek(src.as_fd(), pos, Whence::SeekData) {
-            Ok(d) => d,
+        let data = match lseek(src.as_fd(), at(pos), Whence::SeekData) {
+            Ok(d) => u64::try_from(d).unwrap_or(size),
             Err(Errno::ENXIO) => break, // only a hole is left
             // No SEEK_DATA support: the rest is all data.
             Err(Errno::EINVAL) => pos,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(read_err(e.into())),
         };
-        let end = match lseek(src.as_fd(), data, Whence::SeekHole) {
-            Ok(h) => h,
+        let end = match lseek(src.as_fd(), at(data), Whence::SeekHole) {
+            Ok(h) => u64::try_from(h).unwrap_or(size).min(size),
             Err(Errno::EINVAL) => size,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(read_err(e.into())),
         };
-        let mut off = data as u64;
-        while off < end as u64 {
-            let want = buf.len().min((end as u64 - off) as usize);
-            let n = src.read_at(&mut buf[..want], off)?;
+        let mut off = data;
+        while off < end {
+            let want = buf
+                .len()
+                .min(usize::try_from(end - off).unwrap_or(usize::MAX));
+            let n = src.read_at(&mut buf[..want], off).map_err(&read_err)?;
             if n == 0 {
                 break; // the file shrank under us
             }
-            dst.write_all_at(&buf[..n], off)?;
+            each(off, &buf[..n])?;
             off += n as u64;
         }
-        pos = end;
+        pos = end.max(pos + 1);
     }
-    dst.set_len(size.max(0) as u64)
+    Ok(())
 }
 
 /// An object found in a layer of the merged view.

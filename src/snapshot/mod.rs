@@ -187,9 +187,14 @@ pub fn open(
     let existing = NAMES.into_iter().find(|n| snapshots.join(n).is_dir());
     let backend: Box<dyn Backend> = match name.or(existing) {
         Some("erofs") => {
-            erofs::supported(&snapshots).map_err(|why| {
-                Error::FailedPrecondition(format!("the erofs snapshotter cannot work here: {why}"))
-            })?;
+            // A root that has erofs layers was probed when it got them.
+            if existing != Some("erofs") {
+                erofs::supported(&snapshots).map_err(|why| {
+                    Error::FailedPrecondition(format!(
+                        "the erofs snapshotter cannot work here: {why}"
+                    ))
+                })?;
+            }
             Box::new(erofs::Erofs::new())
         }
         Some("overlayfs") | Some("overlay") => Box::new(overlay::Overlay::new()),
