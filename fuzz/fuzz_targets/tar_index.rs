@@ -48,8 +48,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use hoist::archive::{
-    ApplyOptions, Compression, IndexBelow, LAYER_IMAGE, LAYER_TAR, WhiteoutMode, apply_layer,
-    index_layer, remove_tree,
+    ApplyOptions, Compression, INDEX_MEMORY, IndexBelow, LAYER_IMAGE, LAYER_TAR, WhiteoutMode,
+    apply_layer, index_layer_within, remove_tree,
 };
 use hoist::digest::Digest;
 use libfuzzer_sys::fuzz_target;
@@ -89,7 +89,10 @@ fuzz_target!(|input: &[u8]| {
     };
     let lower_before = matches!(below, IndexBelow::Lowers(_)).then(|| listing(&lower));
 
-    let result = index_layer(&dir, data, Compression::None, &below, userxattr);
+    // Half the inputs are indexed with the tree spilled to disk from its
+    // first entry.
+    let memory = if selector & 0x40 != 0 { 0 } else { INDEX_MEMORY };
+    let result = index_layer_within(&dir, data, Compression::None, &below, userxattr, memory);
 
     let inside = names(&dir);
     assert!(

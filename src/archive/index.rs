@@ -12,6 +12,7 @@ use super::compression::{self, HashingReader};
 use super::index_tree::{Below, Builder, Staging};
 use super::whiteout::Lowers;
 use super::{Applied, ArchiveError, BUF_SIZE, Compression};
+use crate::erofs::tree::Spill;
 
 /// The layer's uncompressed tar, the image's second device.
 pub const LAYER_TAR: &str = "layer.tar";
@@ -21,6 +22,11 @@ pub const LAYER_IMAGE: &str = "layer.erofs";
 const STAGING: &str = "layer.staging";
 /// A rewritten image before it replaces the old one.
 const IMAGE_TMP: &str = "layer.erofs.tmp";
+/// The index, once it outgrows [`INDEX_MEMORY`].
+const SPILL: &str = "layer.index";
+/// Memory a layer's index may take before it moves to disk: about 130,000
+/// entries.
+pub const INDEX_MEMORY: usize = 32 << 20;
 
 /// What is below the layer being indexed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,12 +50,24 @@ pub fn index_layer(
     below: &IndexBelow,
     userxattr: bool,
 ) -> Result<Applied, ArchiveError> {
+    index_layer_within(dir, layer, compression, below, userxattr, INDEX_MEMORY)
+}
+
+/// [`index_layer`] with the index's memory bounded by `memory` bytes.
+pub fn index_layer_within(
+    dir: &Path,
+    layer: impl Read,
+    compression: Compression,
+    below: &IndexBelow,
+    userxattr: bool,
+    memory: usize,
+) -> Result<Applied, ArchiveError> {
     let tar_path = dir.join(LAYER_TAR);
     let tar_file = create(&tar_path)?;
     let decoded = compression::decoder(layer, compression)?;
     let mut hashed = HashingReader::new(decoded);
     let below = open_below(below, userxattr)?;
-    let mut builder = Builder::new(below, userxattr);
+    let mut builder = Builder::new(below, userxattr, Some(spill(dir, memory)))?;
     let mut staging = Staging::new(dir.join(STAGING));
     let out = BufWriter::with_capacity(1 << 20, Writeback::new(tar_file));
     let mut tee = Tee::new(&mut hashed, Some(out));
@@ -107,6 +125,16 @@ pub fn reindex_layer(
     lowers: Vec<PathBuf>,
     userxattr: bool,
 ) -> Result<(), ArchiveError> {
+    reindex_layer_within(dir, lowers, userxattr, INDEX_MEMORY)
+}
+
+/// [`reindex_layer`] with the index's memory bounded by `memory` bytes.
+pub fn reindex_layer_within(
+    dir: &Path,
+    lowers: Vec<PathBuf>,
+    userxattr: bool,
+    memory: usize,
+) -> Result<(), ArchiveError> {
     let tar_path = dir.join(LAYER_TAR);
     let file = File::open(&tar_path).map_err(|source| ArchiveError::Open {
         what: "layer tar",
@@ -122,7 +150,7 @@ pub fn reindex_layer(
         })?
         .len();
     let below = open_below(&IndexBelow::Lowers(lowers), userxattr)?;
-    let mut builder = Builder::new(below, userxattr);
+    let mut builder = Builder::new(below, userxattr, Some(spill(dir, memory)))?;
     let mut staging = Staging::new(dir.join(STAGING));
     let mut tee = Tee::<_, File>::new(file, None);
     // Only headers (and sparse files' data) are read again: the rest of
@@ -157,6 +185,13 @@ fn sync_dir(dir: &Path) -> Result<(), ArchiveError> {
         source,
     })?;
     sync(&d, dir)
+}
+
+fn spill(dir: &Path, budget: usize) -> Spill {
+    Spill {
+        path: dir.join(SPILL),
+        budget,
+    }
 }
 
 fn implicit(b: &Builder) -> Vec<PathBuf> {
@@ -207,10 +242,11 @@ fn write_image(
     tar_len: u64,
     path: &Path,
 ) -> Result<(), ArchiveError> {
-    let tree = builder.into_tree();
+    // The tree as built: what the root no longer reaches is left out.
+    let mut tree = builder.tree;
     let mut image = create(path)?;
     let written =
-        crate::erofs::writer::write_image(&tree, tar_len, staging.file.as_mut(), &mut image)
+        crate::erofs::writer::write_image(&mut tree, tar_len, staging.file.as_mut(), &mut image)
             .map_err(|err| ArchiveError::Io {
                 op: "writing the layer's EROFS image".into(),
                 path: path.display().to_string(),

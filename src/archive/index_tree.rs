@@ -6,7 +6,6 @@
 //! hardlinks to lower files copied up. Nothing is created by name, so no
 //! name can reach outside the image.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufRead};
 use std::os::fd::AsFd;
@@ -19,7 +18,7 @@ use super::ArchiveError;
 use super::reader::{Entry, Kind, TarReader, Time};
 use super::safe::{self, MAX_PATH, MAX_SYMLINKS, RelPath, components, show, split_last};
 use super::whiteout::{self, LowerObj, Lowers, Named};
-use crate::erofs::tree::{Data, Inode, NodeId, ROOT, Tree};
+use crate::erofs::tree::{Data, Inode, NodeId, ROOT, Spill, Tree};
 
 /// Most chunks one staged file is cut into: a bigger file gets bigger
 /// chunks, so its index stays small however large (or sparse) it is.
@@ -161,9 +160,9 @@ struct Meta {
 }
 
 pub(super) struct Builder {
+    /// Inodes written by this layer (or ancestors of what it wrote) are
+    /// marked.
     pub tree: Tree,
-    /// Per inode: written by this layer (or an ancestor of what it wrote).
-    written: Vec<bool>,
     below: Below,
     opaque_xattr: &'static [u8],
     /// When the index is made: the time of directories it invents.
@@ -176,6 +175,8 @@ pub(super) struct Builder {
     buf: Vec<u8>,
     /// The last directory resolved: entries come parent first.
     cache: Option<(RelPath, NodeId, RelPath, Vec<NodeId>)>,
+    /// The directories last marked written (so, all marked).
+    marked: Vec<NodeId>,
 }
 
 /// A directory a resolution made.
@@ -207,7 +208,8 @@ fn bound(t: Time) -> Time {
 }
 
 impl Builder {
-    pub fn new(below: Below, userxattr: bool) -> Self {
+    /// A builder whose tree moves to `spill` once it outgrows memory.
+    pub fn new(below: Below, userxattr: bool, spill: Option<Spill>) -> Result<Self, ArchiveError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| Time {
@@ -216,9 +218,12 @@ impl Builder {
             })
             .unwrap_or_default();
         let root = fresh(now, libc::S_IFDIR | 0o755, 0, 0);
-        Builder {
-            tree: Tree::new(root),
-            written: vec![false],
+        let tree = match spill {
+            Some(spill) => Tree::with_spill(root, spill)?,
+            None => Tree::new(root),
+        };
+        Ok(Builder {
+            tree,
             below,
             opaque_xattr: whiteout::opaque_xattr(userxattr),
             now,
@@ -227,37 +232,50 @@ impl Builder {
             needs_lowers: false,
             buf: vec![0; super::BUF_SIZE],
             cache: None,
-        }
+            marked: Vec::new(),
+        })
     }
 
-    fn add(&mut self, inode: Inode) -> NodeId {
-        self.written.push(false);
-        self.tree.add(inode)
+    fn add(&mut self, inode: Inode) -> Result<NodeId, ArchiveError> {
+        Ok(self.tree.add(inode)?)
     }
 
-    fn child(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
-        self.tree.dirs.get(&dir)?.get(name).copied()
+    fn child(&self, dir: NodeId, name: &[u8]) -> Result<Option<NodeId>, ArchiveError> {
+        Ok(self.tree.child(dir, name)?)
     }
 
-    fn inode(&self, id: NodeId) -> &Inode {
-        &self.tree.inodes[id as usize]
+    /// Entry `name` of `dir`, with what it is.
+    fn look(&self, dir: NodeId, name: &[u8]) -> Result<Option<(NodeId, Is)>, ArchiveError> {
+        let Some(c) = self.child(dir, name)? else {
+            return Ok(None);
+        };
+        let i = self.tree.inode(c)?;
+        let is = if i.is_dir() {
+            Is::Dir
+        } else if is_whiteout_node(&i) {
+            Is::Whiteout
+        } else if let Data::Symlink(t) = &i.data {
+            Is::Symlink(t.clone())
+        } else {
+            Is::Other
+        };
+        Ok(Some((c, is)))
     }
 
-    fn inode_mut(&mut self, id: NodeId) -> &mut Inode {
-        &mut self.tree.inodes[id as usize]
+    fn is_dir(&self, id: NodeId) -> Result<bool, ArchiveError> {
+        Ok(self.tree.inode(id)?.is_dir())
     }
 
     /// Puts `node` at `dir/name`, dropping whatever was there.
-    fn link(&mut self, dir: NodeId, name: &[u8], node: NodeId) {
-        if let Some(entries) = self.tree.dirs.get_mut(&dir)
-            && entries.insert(name.to_vec(), node).is_some()
-        {
+    fn link(&mut self, dir: NodeId, name: &[u8], node: NodeId) -> Result<(), ArchiveError> {
+        if self.tree.link(dir, name, node)?.is_some() {
             // Paths through what was there may now resolve elsewhere.
             self.cache = None;
         }
+        Ok(())
     }
 
-    fn new_dir(&mut self) -> NodeId {
+    fn new_dir(&mut self) -> Result<NodeId, ArchiveError> {
         let d = self.fresh(libc::S_IFDIR | 0o755, 0, 0);
         self.add(d)
     }
@@ -267,45 +285,28 @@ impl Builder {
         fresh(self.now, mode, uid, gid)
     }
 
-    fn set_xattr(&mut self, node: NodeId, name: &[u8], value: &[u8]) {
-        let xattrs = &mut self.inode_mut(node).xattrs;
-        match xattrs.iter_mut().find(|(n, _)| n == name) {
-            Some(x) => x.1 = value.to_vec(),
-            None => xattrs.push((name.to_vec(), value.to_vec())),
-        }
-    }
-
-    fn set_opaque(&mut self, node: NodeId) {
+    fn set_opaque(&mut self, node: NodeId) -> Result<(), ArchiveError> {
         let name = self.opaque_xattr;
-        self.set_xattr(node, name, b"y");
+        Ok(self.tree.update(node, |i| set_xattr(i, name, b"y"))?)
     }
 
-    fn is_opaque(&self, node: NodeId) -> bool {
-        self.inode(node)
+    fn is_opaque(&self, node: NodeId) -> Result<bool, ArchiveError> {
+        Ok(self
+            .tree
+            .inode(node)?
             .xattrs
             .iter()
-            .any(|(n, v)| n == self.opaque_xattr && v == b"y")
+            .any(|(n, v)| n == self.opaque_xattr && v == b"y"))
     }
 
-    fn set_meta(&mut self, node: NodeId, m: Meta) {
-        for (k, v) in &m.xattrs {
-            // Overlay's own attributes would change how the lower is read;
-            // only whiteouts set them.
-            if whiteout::is_overlay_xattr(k) {
-                continue;
-            }
-            self.set_xattr(node, k, v);
-        }
-        let i = self.inode_mut(node);
-        i.uid = m.uid;
-        i.gid = m.gid;
-        if let Some(mode) = m.mode {
-            i.mode = (i.mode & libc::S_IFMT) | (mode & 0o7777);
-        }
-        if let Some(t) = m.mtime {
-            i.mtime = t.sec;
-            i.mtime_nsec = t.nsec;
-        }
+    fn set_meta(&mut self, node: NodeId, m: Meta) -> Result<(), ArchiveError> {
+        Ok(self.tree.update(node, |i| apply_meta(i, m))?)
+    }
+
+    /// Adds `inode` with metadata `m`.
+    fn add_with(&mut self, mut inode: Inode, m: Meta) -> Result<NodeId, ArchiveError> {
+        apply_meta(&mut inode, m);
+        self.add(inode)
     }
 
     /// Resolves directory `path` inside the layer, following its symlinks
@@ -352,9 +353,9 @@ impl Builder {
                 });
             }
             let here = safe::join(&real, &comp);
-            let next = match self.child(cur, &comp) {
-                Some(c) if self.inode(c).is_dir() => c,
-                Some(c) if self.inode(c).file_type() == libc::S_IFLNK => {
+            let next = match self.look(cur, &comp)? {
+                Some((c, Is::Dir)) => c,
+                Some((_, Is::Symlink(target))) => {
                     links += 1;
                     if links > MAX_SYMLINKS {
                         return Err(ArchiveError::Malformed {
@@ -365,10 +366,6 @@ impl Builder {
                             ),
                         });
                     }
-                    let target = match &self.inode(c).data {
-                        Data::Symlink(t) => t.clone(),
-                        _ => Vec::new(),
-                    };
                     if target.starts_with(b"/") {
                         (cur, real) = (ROOT, Vec::new());
                         stack.clear();
@@ -378,11 +375,11 @@ impl Builder {
                     }
                     continue;
                 }
-                Some(c) if create && is_whiteout_node(self.inode(c)) => {
+                Some((_, Is::Whiteout)) if create => {
                     // The layer deleted this directory and now puts
                     // something below it: a fresh (opaque) directory.
-                    let d = self.new_dir();
-                    self.link(cur, &comp, d);
+                    let d = self.new_dir()?;
+                    self.link(cur, &comp, d)?;
                     created.push(Created {
                         node: d,
                         path: here.clone(),
@@ -398,8 +395,8 @@ impl Builder {
                     });
                 }
                 None if create => {
-                    let d = self.new_dir();
-                    self.link(cur, &comp, d);
+                    let d = self.new_dir()?;
+                    self.link(cur, &comp, d)?;
                     created.push(Created {
                         node: d,
                         path: here.clone(),
@@ -419,11 +416,11 @@ impl Builder {
     }
 
     /// The directories on real path `real` (no symlinks on it).
-    fn chain_of(&self, real: &[u8]) -> Vec<NodeId> {
+    fn chain_of(&self, real: &[u8]) -> Result<Vec<NodeId>, ArchiveError> {
         let mut cur = ROOT;
         let mut out = Vec::new();
         for comp in components(real) {
-            match self.child(cur, comp) {
+            match self.child(cur, comp)? {
                 Some(c) => {
                     out.push(c);
                     cur = c;
@@ -431,7 +428,7 @@ impl Builder {
                 None => break,
             }
         }
-        out
+        Ok(out)
     }
 
     /// Resolves (creating as needed) a directory the layer writes into,
@@ -478,7 +475,7 @@ impl Builder {
         match lower {
             Some(l) => {
                 let meta = lower_meta(&l, display)?;
-                self.set_meta(c.node, meta);
+                self.set_meta(c.node, meta)?;
             }
             None if !c.over_whiteout => {
                 if matches!(self.below, Below::Unknown) {
@@ -489,7 +486,7 @@ impl Builder {
             None => {}
         }
         if c.over_whiteout {
-            self.set_opaque(c.node);
+            self.set_opaque(c.node)?;
         }
         Ok(found)
     }
@@ -500,13 +497,13 @@ impl Builder {
         let Below::Lowers(lowers) = &self.below else {
             return Ok(None);
         };
-        let opaque = self.is_opaque(ROOT)
-            || self
-                .chain_of(split_last(path).map_or(&[][..], |(p, _)| p))
-                .iter()
-                .any(|&n| self.is_opaque(n));
-        if opaque {
+        if self.is_opaque(ROOT)? {
             return Ok(None);
+        }
+        for n in self.chain_of(split_last(path).map_or(&[][..], |(p, _)| p))? {
+            if self.is_opaque(n)? {
+                return Ok(None);
+            }
         }
         lowers
             .find_below(path)
@@ -514,10 +511,17 @@ impl Builder {
             .map_err(|err| io_err("looking up lower directory", display, err))
     }
 
-    fn mark_written(&mut self, chain: &[NodeId]) {
+    fn mark_written(&mut self, chain: &[NodeId]) -> Result<(), ArchiveError> {
         for &n in chain {
-            self.written[n as usize] = true;
+            // Entries come in directory order: most of a chain was marked
+            // by the entry before.
+            if !self.marked.contains(&n) {
+                self.tree.mark(n)?;
+            }
         }
+        self.marked.clear();
+        self.marked.extend_from_slice(chain);
+        Ok(())
     }
 
     /// Adds entry `e` (whose data starts at byte `data_at` of the tar).
@@ -543,23 +547,26 @@ impl Builder {
         safe::check_len(&here, &display)?;
         let meta = entry_meta(e);
         let node = match e.kind {
-            Kind::Dir => match self.child(dir, base) {
-                Some(c) if self.inode(c).is_dir() => {
-                    self.implicit.remove(&here);
-                    c
-                }
-                existing => {
-                    let over_whiteout = existing.is_some_and(|c| is_whiteout_node(self.inode(c)));
-                    let d = self.new_dir();
-                    self.link(dir, base, d);
-                    if over_whiteout {
-                        // Recreated after this layer deleted it: lower
-                        // content stays hidden.
-                        self.set_opaque(d);
+            Kind::Dir => {
+                let node = match self.look(dir, base)? {
+                    Some((c, Is::Dir)) => {
+                        self.implicit.remove(&here);
+                        c
                     }
-                    d
-                }
-            },
+                    existing => {
+                        let d = self.new_dir()?;
+                        self.link(dir, base, d)?;
+                        if let Some((_, Is::Whiteout)) = existing {
+                            // Recreated after this layer deleted it: lower
+                            // content stays hidden.
+                            self.set_opaque(d)?;
+                        }
+                        d
+                    }
+                };
+                self.set_meta(node, meta)?;
+                node
+            }
             Kind::File => {
                 let data = if let Some(map) = &e.sparse {
                     let mut stager = Stager::new(e.size);
@@ -583,25 +590,23 @@ impl Builder {
                 } else {
                     Data::Tar { offset: data_at }
                 };
-                self.new_node(libc::S_IFREG, e, data)
+                self.new_node(libc::S_IFREG, e, data, meta)?
             }
             Kind::Symlink => {
                 let mut i = self.blank(libc::S_IFLNK | 0o777, e);
                 i.data = Data::Symlink(e.link.clone());
-                self.add(i)
+                self.add_with(i, meta)?
             }
-            Kind::Char => self.new_node(libc::S_IFCHR, e, Data::None),
-            Kind::Block => self.new_node(libc::S_IFBLK, e, Data::None),
-            Kind::Fifo => self.new_node(libc::S_IFIFO, e, Data::None),
+            Kind::Char => self.new_node(libc::S_IFCHR, e, Data::None, meta)?,
+            Kind::Block => self.new_node(libc::S_IFBLK, e, Data::None, meta)?,
+            Kind::Fifo => self.new_node(libc::S_IFIFO, e, Data::None, meta)?,
             Kind::Hardlink => return self.hardlink(dir, base, chain, e, staging, &display),
         };
         if e.kind != Kind::Dir {
-            self.link(dir, base, node);
+            self.link(dir, base, node)?;
         }
-        self.set_meta(node, meta);
         chain.push(node);
-        self.mark_written(&chain);
-        Ok(())
+        self.mark_written(&chain)
     }
 
     fn blank(&self, mode: u32, e: &Entry) -> Inode {
@@ -612,7 +617,13 @@ impl Builder {
         }
     }
 
-    fn new_node(&mut self, ty: u32, e: &Entry, data: Data) -> NodeId {
+    fn new_node(
+        &mut self,
+        ty: u32,
+        e: &Entry,
+        data: Data,
+        m: Meta,
+    ) -> Result<NodeId, ArchiveError> {
         let mut i = self.blank(ty, e);
         if ty == libc::S_IFREG {
             i.size = e.size;
@@ -621,15 +632,14 @@ impl Builder {
             (i.major, i.minor) = (0, 0);
         }
         i.data = data;
-        self.add(i)
+        self.add_with(i, m)
     }
 
     fn opaque(&mut self, parent: &[u8], display: &str) -> Result<(), ArchiveError> {
         let (dir, _, mut chain) = self.resolve_dir(parent, display)?;
         chain.push(dir);
-        self.mark_written(&chain);
-        self.set_opaque(dir);
-        Ok(())
+        self.mark_written(&chain)?;
+        self.set_opaque(dir)
     }
 
     fn remove(
@@ -640,19 +650,18 @@ impl Builder {
         display: &str,
     ) -> Result<(), ArchiveError> {
         let (dir, _, _) = self.resolve_dir(parent, display)?;
-        if let Some(c) = self.child(dir, name)
-            && self.written[c as usize]
+        if let Some(c) = self.child(dir, name)?
+            && self.tree.marked(c)?
         {
             // Written by this layer: hide only the lower directory's content.
-            if self.inode(c).is_dir() {
-                self.set_opaque(c);
+            if self.is_dir(c)? {
+                self.set_opaque(c)?;
             }
             return Ok(());
         }
         let w = self.fresh(libc::S_IFCHR, e.uid, e.gid);
-        let w = self.add(w);
-        self.link(dir, name, w);
-        Ok(())
+        let w = self.add(w)?;
+        self.link(dir, name, w)
     }
 
     fn hardlink(
@@ -681,9 +690,13 @@ impl Builder {
         let tdir = self
             .resolve(tparent, false, &mut Vec::new(), display)?
             .map(|(d, _, _)| d);
-        let in_layer = tdir
-            .and_then(|d| self.child(d, tname).map(|c| (d, c)))
-            .filter(|(_, c)| !is_whiteout_node(self.inode(*c)));
+        let in_layer = match tdir {
+            Some(d) => match self.look(d, tname)? {
+                Some((_, Is::Whiteout)) | None => None,
+                Some((c, _)) => Some((d, c)),
+            },
+            None => None,
+        };
         let (tdir, node) = match in_layer {
             Some(found) => found,
             None => match self.merged_lookup(&target, display)? {
@@ -700,30 +713,30 @@ impl Builder {
                     }
                     let (td, _, mut tchain) = self.resolve_dir(tparent, display)?;
                     let copied = self.copy_up(&lower, staging, display)?;
-                    self.link(td, tname, copied);
+                    self.link(td, tname, copied)?;
                     tchain.push(copied);
-                    self.mark_written(&tchain);
+                    self.mark_written(&tchain)?;
                     (td, copied)
                 }
             },
         };
-        if self.inode(node).is_dir() {
+        let ty = self.tree.inode(node)?.file_type();
+        if ty == libc::S_IFDIR {
             return Err(link_err("target is a directory"));
         }
         if tdir == dir && tname == base {
             // A link to itself: the entry is already there.
             return Ok(());
         }
-        self.link(dir, base, node);
+        self.link(dir, base, node)?;
         // The link header's metadata goes on the shared inode.
         let mut meta = entry_meta(e);
-        if self.inode(node).file_type() == libc::S_IFLNK {
+        if ty == libc::S_IFLNK {
             meta.mode = None;
         }
-        self.set_meta(node, meta);
+        self.set_meta(node, meta)?;
         chain.push(node);
-        self.mark_written(&chain);
-        Ok(())
+        self.mark_written(&chain)
     }
 
     /// A hardlink target through the merged view, by its path as written
@@ -735,12 +748,12 @@ impl Builder {
             return Ok(Merged::Hidden);
         };
         let mut cur = ROOT;
-        let mut opaque = self.is_opaque(ROOT);
+        let mut opaque = self.is_opaque(ROOT)?;
         let mut whole = true;
         for comp in dirs {
-            match self.child(cur, comp) {
-                Some(c) if self.inode(c).is_dir() => {
-                    opaque |= self.is_opaque(c);
+            match self.look(cur, comp)? {
+                Some((c, Is::Dir)) => {
+                    opaque |= self.is_opaque(c)?;
                     cur = c;
                 }
                 Some(_) => return Ok(Merged::Hidden),
@@ -752,9 +765,9 @@ impl Builder {
             }
         }
         if whole {
-            match self.child(cur, last) {
-                Some(c) if is_whiteout_node(self.inode(c)) => return Ok(Merged::Hidden),
-                Some(c) => return Ok(Merged::Layer(cur, c)),
+            match self.look(cur, last)? {
+                Some((_, Is::Whiteout)) => return Ok(Merged::Hidden),
+                Some((c, _)) => return Ok(Merged::Layer(cur, c)),
                 None if opaque => return Ok(Merged::Hidden),
                 None => {}
             }
@@ -809,51 +822,47 @@ impl Builder {
             let rdev = st.st_rdev;
             (i.major, i.minor) = (libc::major(rdev), libc::minor(rdev));
         }
-        let node = self.add(i);
         let mut meta = lower_meta(lower, display)?;
         if ty == libc::S_IFLNK {
             meta.mode = None;
         }
-        self.set_meta(node, meta);
-        Ok(node)
+        self.add_with(i, meta)
     }
+}
 
-    /// The tree with only what the root reaches, renumbered. Inodes and
-    /// names move across, so the tree is never held twice.
-    pub fn into_tree(self) -> Tree {
-        let mut old = self.tree;
-        let take = |inodes: &mut Vec<Inode>, id: NodeId| {
-            std::mem::replace(&mut inodes[id as usize], fresh(Time::default(), 0, 0, 0))
-        };
-        let mut map: Vec<Option<NodeId>> = vec![None; old.inodes.len()];
-        let mut out = Tree::new(take(&mut old.inodes, ROOT));
-        map[ROOT as usize] = Some(ROOT);
-        let mut queue = std::collections::VecDeque::from([ROOT]);
-        while let Some(dir) = queue.pop_front() {
-            let Some(entries) = old.dirs.remove(&dir) else {
-                continue;
-            };
-            let new_dir = map[dir as usize].unwrap_or(ROOT);
-            let mut children = BTreeMap::new();
-            for (name, child) in entries {
-                let id = match map[child as usize] {
-                    Some(id) => id,
-                    None => {
-                        let inode = take(&mut old.inodes, child);
-                        let is_dir = inode.is_dir();
-                        let id = out.add(inode);
-                        map[child as usize] = Some(id);
-                        if is_dir {
-                            queue.push_back(child);
-                        }
-                        id
-                    }
-                };
-                children.insert(name, id);
-            }
-            out.dirs.insert(new_dir, children);
+/// What an entry of the layer is, as a path walk sees it.
+enum Is {
+    Dir,
+    Symlink(Vec<u8>),
+    Whiteout,
+    Other,
+}
+
+fn set_xattr(i: &mut Inode, name: &[u8], value: &[u8]) {
+    match i.xattrs.iter_mut().find(|(n, _)| n == name) {
+        Some(x) => x.1 = value.to_vec(),
+        None => i.xattrs.push((name.to_vec(), value.to_vec())),
+    }
+}
+
+/// Sets owner, mode, xattrs and mtime as the applier does.
+fn apply_meta(i: &mut Inode, m: Meta) {
+    for (k, v) in &m.xattrs {
+        // Overlay's own attributes would change how the lower is read;
+        // only whiteouts set them.
+        if whiteout::is_overlay_xattr(k) {
+            continue;
         }
-        out
+        set_xattr(i, k, v);
+    }
+    i.uid = m.uid;
+    i.gid = m.gid;
+    if let Some(mode) = m.mode {
+        i.mode = (i.mode & libc::S_IFMT) | (mode & 0o7777);
+    }
+    if let Some(t) = m.mtime {
+        i.mtime = t.sec;
+        i.mtime_nsec = t.nsec;
     }
 }
 
@@ -892,15 +901,10 @@ fn lower_meta(l: &LowerObj, display: &str) -> Result<Meta, ArchiveError> {
 /// An inode made at `now`, with nothing in it.
 fn fresh(now: Time, mode: u32, uid: u32, gid: u32) -> Inode {
     Inode {
-        mode,
         uid,
         gid,
         mtime: now.sec,
         mtime_nsec: now.nsec,
-        size: 0,
-        major: 0,
-        minor: 0,
-        xattrs: Vec::new(),
-        data: Data::None,
+        ..Inode::empty(mode)
     }
 }

@@ -23,7 +23,10 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
 
-pub use index::{IndexBelow, LAYER_IMAGE, LAYER_TAR, index_layer, reindex_layer};
+pub use index::{
+    INDEX_MEMORY, IndexBelow, LAYER_IMAGE, LAYER_TAR, index_layer, index_layer_within,
+    reindex_layer,
+};
 
 /// Size of the read buffers and of file copies.
 const BUF_SIZE: usize = 128 * 1024;
@@ -176,6 +179,16 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
+    /// The layer's index (EROFS) failed: its spill file could not be
+    /// written or read.
+    #[error(transparent)]
+    Index(Box<crate::erofs::tree::Error>),
+}
+
+impl From<crate::erofs::tree::Error> for ArchiveError {
+    fn from(e: crate::erofs::tree::Error) -> Self {
+        ArchiveError::Index(Box::new(e))
+    }
 }
 
 fn drain(mut rest: impl Read, compression: Compression) -> Result<(), ArchiveError> {

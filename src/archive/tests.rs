@@ -383,11 +383,12 @@ fn mount_overlay_ro(tmp: &Path, layers: &[&Path], extra: &str) -> nix::Result<Mo
 /// How a test's layers land in its directories: applied (`apply_layer`),
 /// or indexed (`index_layer`) with the EROFS image mounted read-only on
 /// the directory, so that what the test reads there comes through the
-/// kernel. The same expectations hold for both.
+/// kernel; indexed either in memory or with the index spilled to disk
+/// from its first entry. The same expectations hold for all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Applied,
-    Indexed,
+    Indexed { spilled: bool },
 }
 
 /// Applied, and Indexed where this kernel has what hoist's images need.
@@ -404,7 +405,11 @@ fn modes() -> Vec<Mode> {
         );
         return vec![Mode::Applied];
     }
-    vec![Mode::Applied, Mode::Indexed]
+    vec![
+        Mode::Applied,
+        Mode::Indexed { spilled: false },
+        Mode::Indexed { spilled: true },
+    ]
 }
 
 /// A layer indexed into a scratch directory of its own, its image mounted
@@ -437,6 +442,7 @@ fn index_into_scratch(
     layer: impl Read,
     compression: Compression,
     opts: &ApplyOptions,
+    spilled: bool,
 ) -> Result<(Applied, TempDir), ArchiveError> {
     let (below, userxattr) = match &opts.whiteouts {
         WhiteoutMode::Plain => (IndexBelow::Nothing, false),
@@ -445,7 +451,21 @@ fn index_into_scratch(
         }
     };
     let scratch = TempDir::new().unwrap();
-    let applied = index_layer(scratch.path(), layer, compression, &below, userxattr)?;
+    let memory = if spilled {
+        0
+    } else {
+        super::index::INDEX_MEMORY
+    };
+    let applied = super::index::index_layer_within(
+        scratch.path(),
+        layer,
+        compression,
+        &below,
+        userxattr,
+        memory,
+    )?;
+    // The spill file goes with the index.
+    assert!(!scratch.path().join("layer.index").exists());
     Ok((applied, scratch))
 }
 
@@ -480,8 +500,8 @@ fn land_stream(
             applied,
             image: None,
         }),
-        Mode::Indexed => {
-            let (applied, scratch) = index_into_scratch(layer, compression, opts)?;
+        Mode::Indexed { spilled } => {
+            let (applied, scratch) = index_into_scratch(layer, compression, opts, spilled)?;
             Ok(Landed {
                 applied,
                 image: Some(mount_scratch(scratch, root)),
@@ -1027,7 +1047,9 @@ impl Stack {
     fn mount_with(&self, extra: &str) -> nix::Result<Mounted> {
         match self.mode {
             Mode::Applied => mount_overlay(self.tmp.path(), &[&self.lower], &self.upper, extra),
-            Mode::Indexed => mount_overlay_ro(self.tmp.path(), &[&self.upper, &self.lower], extra),
+            Mode::Indexed { .. } => {
+                mount_overlay_ro(self.tmp.path(), &[&self.upper, &self.lower], extra)
+            }
         }
     }
 }
@@ -2002,7 +2024,7 @@ fn hostile_whiteouts_cannot_delete_outside() {
             let fresh;
             let j = match mode {
                 Mode::Applied => &j,
-                Mode::Indexed => {
+                Mode::Indexed { .. } => {
                     fresh = Jail::new();
                     &fresh
                 }
@@ -2405,7 +2427,7 @@ fn damaged_layers_never_panic_or_escape() {
             for (blob, compression) in [(&bad[..], Compression::None), (&gz[..], Compression::Gzip)]
             {
                 let landed = land_stream(mode, &j.root, blob, compression, &opts);
-                if let (Ok(_), Mode::Indexed) = (&landed, mode) {
+                if let (Ok(_), Mode::Indexed { .. }) = (&landed, mode) {
                     // What the index accepted, the kernel reads back whole.
                     render(&j.root);
                 }

@@ -61,6 +61,24 @@ impl LocalStore {
         &self.root
     }
 
+    /// A scratch file on the store's filesystem, without a name (so no
+    /// listing ever sees it, and nothing is left of it after a crash): the
+    /// place for bytes that wait their turn, not in memory.
+    pub fn spool(&self) -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(self.spool_dir())
+    }
+
+    /// Where [`LocalStore::spool`] files are.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.root.join("ingest")
+    }
+
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("blobs/sha256").join(digest.hex())
     }

@@ -10,6 +10,7 @@
 pub mod format;
 pub mod mount;
 pub mod tree;
+mod tree_spill;
 pub mod writer;
 
 /// Whether the kernel says it has what hoist's images need (file-backed

@@ -134,30 +134,18 @@ pub fn probe(dir: &Path) -> Result<(), String> {
         .map_err(|e| io("writing the probe tar", e))?;
     std::fs::create_dir(&mnt).map_err(|e| io("creating the probe mount point", e))?;
 
-    let dir_inode = Inode {
-        mode: libc::S_IFDIR | 0o755,
-        uid: 0,
-        gid: 0,
-        mtime: 0,
-        mtime_nsec: 0,
-        size: 0,
-        major: 0,
-        minor: 0,
-        xattrs: Vec::new(),
-        data: Data::None,
-    };
+    let dir_inode = Inode::empty(libc::S_IFDIR | 0o755);
     let mut tree = Tree::new(dir_inode.clone());
-    let file = tree.add(Inode {
+    tree.add(Inode {
         mode: libc::S_IFREG | 0o644,
         size: CONTENT.len() as u64,
         data: Data::Tar { offset: 0 },
         ..dir_inode
-    });
-    if let Some(root) = tree.dirs.get_mut(&super::tree::ROOT) {
-        root.insert(b"probe".to_vec(), file);
-    }
+    })
+    .and_then(|file| tree.link(super::tree::ROOT, b"probe", file))
+    .map_err(|e| format!("building the probe image: {e}"))?;
     let mut out = std::fs::File::create(&image).map_err(|e| io("creating the probe image", e))?;
-    writer::write_image(&tree, data.len() as u64, None, &mut out)
+    writer::write_image(&mut tree, data.len() as u64, None, &mut out)
         .map_err(|e| format!("writing the probe image: {e}"))?;
     drop(out);
 

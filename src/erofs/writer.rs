@@ -24,11 +24,9 @@ use super::format::{
     DeviceSlot, EXTENDED_INODE_SIZE, ExtendedInode, INODE_SLOT, INODE_SLOT_BITS, NAME_LEN_MAX,
     NULL_ADDR, SUPER_OFFSET, SUPER_SIZE, SuperBlock,
 };
-use super::tree::{Data, Inode, NodeId, ROOT, Tree};
-use std::collections::VecDeque;
+use super::tree::{Data, Error as TreeError, Inode, NodeId, Placed, ROOT, Tree};
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
-use std::ops::Range;
 
 /// What [`write_image`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +55,17 @@ pub enum Error {
     /// The tree contradicts itself (a bug of whoever built it).
     #[error("inconsistent layer tree: {what}")]
     Invalid { what: String },
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+}
+
+impl From<io::Error> for Error {
+    fn from(source: io::Error) -> Self {
+        Error::Io {
+            context: "writing the EROFS image".into(),
+            source,
+        }
+    }
 }
 
 fn unrepresentable(what: impl Into<String>) -> Error {
@@ -78,14 +87,13 @@ const DEVICE_TAR: u16 = 1;
 /// Longest symlink target Linux resolves (PATH_MAX less the NUL).
 const SYMLINK_MAX: usize = 4095;
 const BLOCK: usize = BLOCK_SIZE as usize;
-const UNPLACED: u32 = u32::MAX;
 
 /// Writes the metadata image of `tree` to `out` (from its start, truncating
 /// it). `tar_len` is the length of the layer's tar, the image's device 1;
 /// `staging` holds the bytes of [`Data::Staged`] files and is appended
 /// after the metadata. Nothing is synced.
 pub fn write_image(
-    tree: &Tree,
+    tree: &mut Tree,
     tar_len: u64,
     staging: Option<&mut File>,
     out: &mut File,
@@ -106,11 +114,11 @@ pub fn write_image(
     let uuid = random_uuid()?;
 
     // The root is placed first, at most a block past the device slot.
-    let root_nid = u16::try_from(plan.nodes[0].pos >> INODE_SLOT_BITS)
+    let root_nid = u16::try_from(nid(&placement(tree, ROOT)?))
         .map_err(|_| invalid("the root inode is placed too far"))?;
     let sb = SuperBlock {
         root_nid,
-        inos: plan.nodes.len() as u64,
+        inos: u64::from(plan.count),
         epoch: plan.epoch,
         blocks: plan.total_blocks,
         meta_blkaddr: 0,
@@ -143,8 +151,8 @@ pub fn write_image(
     w.pad_to(SUPER_OFFSET).map_err(write_err)?;
     w.put(&sb.encode()).map_err(write_err)?;
     w.put(&slot.encode()).map_err(write_err)?;
-    plan.write_inodes(tree, &mut w).map_err(write_err)?;
-    plan.write_blocks(tree, &mut w).map_err(write_err)?;
+    plan.write_inodes(tree, &mut w)?;
+    plan.write_blocks(tree, &mut w)?;
     let staged_offset = u64::from(plan.staged_blk) * BLOCK_SIZE;
     w.pad_to(staged_offset).map_err(write_err)?;
     if let Some(staging) = staging {
@@ -179,7 +187,7 @@ pub fn write_image(
     w.w.flush().map_err(write_err)?;
     Ok(Layout {
         image_bytes,
-        inodes: plan.nodes.len() as u64,
+        inodes: u64::from(plan.count),
         staged_offset,
     })
 }
@@ -214,14 +222,10 @@ enum Kind {
     /// Nothing after the inode: devices (`i_u` = rdev), FIFOs, sockets,
     /// empty files.
     Bare { i_u: u32 },
-    /// Directory or symlink bytes: whole blocks from `startblk`, then the
-    /// tail inline after the inode when `inline`, else in one more
+    /// Directory or symlink bytes: whole blocks in the data area, then
+    /// the tail inline after the inode when `inline`, else in one more
     /// (zero-padded) block.
-    Flat {
-        size: u64,
-        inline: bool,
-        startblk: u32,
-    },
+    Flat { size: u64, inline: bool },
     /// `count` chunk indexes of `BLOCK_SIZE << blkbits` bytes each.
     Chunked { size: u64, blkbits: u8, count: u64 },
 }
@@ -230,7 +234,7 @@ impl Kind {
     /// Blocks in the data area.
     fn data_blocks(&self) -> u64 {
         match *self {
-            Kind::Flat { size, inline, .. } if inline => size / BLOCK_SIZE,
+            Kind::Flat { size, inline } if inline => size / BLOCK_SIZE,
             Kind::Flat { size, .. } => size.div_ceil(BLOCK_SIZE),
             _ => 0,
         }
@@ -239,122 +243,90 @@ impl Kind {
     /// Bytes written inline after the inode and its xattrs.
     fn inline_bytes(&self) -> u64 {
         match *self {
-            Kind::Flat { size, inline, .. } if inline => size % BLOCK_SIZE,
+            Kind::Flat { size, inline } if inline => size % BLOCK_SIZE,
             _ => 0,
         }
     }
 }
 
-/// One inode of the image.
-struct Node<'t> {
-    id: NodeId,
-    /// Index in [`Plan::nodes`] of the directory that first names it.
-    parent: u32,
-    /// That name (empty for the root).
-    name: &'t [u8],
-    nlink: u32,
-    xattr_size: u32,
-    kind: Kind,
-    pos: u64,
-}
+/// Entries read from a directory at a time.
+const BATCH: usize = 1024;
 
-struct Plan<'t> {
-    /// In image order: breadth-first from the root.
-    nodes: Vec<Node<'t>>,
-    /// [`NodeId`] → index in `nodes`.
-    index: Vec<u32>,
+/// The image's figures, once every inode reachable from the root has its
+/// place (recorded in the tree).
+struct Plan {
+    /// Inodes placed.
+    count: u32,
+    /// The first block after the inodes: directory and symlink blocks.
+    data_blk: u64,
     staged_blk: u32,
     total_blocks: u32,
     epoch: u64,
     tar_len: u64,
+    has_staging: bool,
+    staging_blocks: u64,
 }
 
 /// Orders, checks and places every inode reachable from the root.
-fn plan(tree: &Tree, tar_len: u64, has_staging: bool, staging_len: u64) -> Result<Plan<'_>, Error> {
-    let root = tree
-        .inodes
-        .first()
-        .ok_or_else(|| invalid("no root inode"))?;
-    if !root.is_dir() {
+fn plan(tree: &mut Tree, tar_len: u64, has_staging: bool, staging_len: u64) -> Result<Plan, Error> {
+    if !tree.inode(ROOT)?.is_dir() {
         return Err(invalid("the root is not a directory"));
     }
-    if let Some((&id, _)) = tree
-        .dirs
-        .iter()
-        .find(|(id, _)| !tree.inodes.get(**id as usize).is_some_and(Inode::is_dir))
-    {
-        return Err(invalid(format!("entries listed under non-directory {id}")));
-    }
     let mut p = Plan {
-        nodes: Vec::with_capacity(tree.inodes.len()),
-        index: vec![UNPLACED; tree.inodes.len()],
+        count: 0,
+        data_blk: 0,
         staged_blk: 0,
         total_blocks: 0,
         epoch: 0,
         tar_len,
+        has_staging,
+        staging_blocks: staging_len.div_ceil(BLOCK_SIZE),
     };
-    p.order(tree)?;
+    p.count = order(tree)?;
 
-    let staging_blocks = staging_len.div_ceil(BLOCK_SIZE);
     let mut pos = INODE_AREA;
-    for i in 0..p.nodes.len() {
-        let inode = &tree.inodes[p.nodes[i].id as usize];
-        let xattr_size = xattr_body_size(inode).map_err(|e| p.at(i, e))?;
-        let kind = p
-            .kind(tree, i, has_staging, staging_blocks)
-            .map_err(|e| p.at(i, e))?;
+    let mut data_blocks = 0u64;
+    let mut nodes = InOrder::default();
+    while let Some((id, mut placed, inode)) = nodes.next(tree, p.count)? {
+        if inode.is_dir() {
+            placed.size = dir_size(tree, id).map_err(|e| at(tree, id, e))?;
+        }
+        let (kind, xattr_size) = p.kind(&inode, &placed).map_err(|e| at(tree, id, e))?;
         let head = EXTENDED_INODE_SIZE as u64 + xattr_size as u64;
-        let (kind, at, len) = match kind {
-            Kind::Flat { size, .. } => {
+        let (at, len) = match kind {
+            Kind::Flat { size, inline } => {
                 let tail = size % BLOCK_SIZE;
-                // Inline only when inode, xattrs and tail share one block:
-                // the kernel reads the tail relative to the inode's block.
-                let inline = tail > 0 && head + tail <= BLOCK_SIZE;
                 let at = if inline && pos % BLOCK_SIZE + head + tail > BLOCK_SIZE {
                     pos.next_multiple_of(BLOCK_SIZE)
                 } else {
                     keep_inode_in_block(pos)
                 };
-                let kind = Kind::Flat {
-                    size,
-                    inline,
-                    startblk: 0,
-                };
-                (kind, at, head + kind.inline_bytes())
+                (at, head + kind.inline_bytes())
             }
             Kind::Chunked { count, .. } => {
-                let at = keep_inode_in_block(pos);
                 // The kernel finds the indexes at the next 8-byte boundary.
                 let len = head.next_multiple_of(CHUNK_INDEX_SIZE as u64)
                     + count * CHUNK_INDEX_SIZE as u64;
-                (kind, at, len)
+                (keep_inode_in_block(pos), len)
             }
-            Kind::Bare { .. } => (kind, keep_inode_in_block(pos), head),
+            Kind::Bare { .. } => (keep_inode_in_block(pos), head),
         };
-        let n = &mut p.nodes[i];
-        n.xattr_size = xattr_size as u32;
-        n.kind = kind;
-        n.pos = at;
+        placed.pos = at;
+        tree.place(id, placed)?;
         pos = (at + len).next_multiple_of(INODE_SLOT);
+        data_blocks += kind.data_blocks();
         if inode.mtime > 0 {
             p.epoch = p.epoch.max(inode.mtime as u64);
         }
     }
 
-    // Whole blocks of directories and symlinks, in inode order.
+    // Whole blocks of directories and symlinks follow the inodes, in inode
+    // order; then the staged data.
     let too_big = || unrepresentable("an image over 2 TiB");
-    let mut blk = pos.div_ceil(BLOCK_SIZE);
-    for n in &mut p.nodes {
-        let blocks = n.kind.data_blocks();
-        if let Kind::Flat { startblk, .. } = &mut n.kind
-            && blocks > 0
-        {
-            *startblk = u32::try_from(blk).map_err(|_| too_big())?;
-            blk += blocks;
-        }
-    }
-    p.staged_blk = u32::try_from(blk).map_err(|_| too_big())?;
-    let total = blk + staging_blocks;
+    p.data_blk = pos.div_ceil(BLOCK_SIZE);
+    let staged_blk = p.data_blk + data_blocks;
+    p.staged_blk = u32::try_from(staged_blk).map_err(|_| too_big())?;
+    let total = staged_blk + p.staging_blocks;
     // Staged chunk addresses are staged_blk + their block in the staging
     // file, all below `total`; NULL_ADDR must stay free.
     p.total_blocks = u32::try_from(total)
@@ -373,76 +345,147 @@ fn keep_inode_in_block(pos: u64) -> u64 {
     }
 }
 
-impl<'t> Plan<'t> {
-    /// Breadth-first from the root: assigns each reachable inode its place
-    /// in `nodes` and counts links.
-    fn order(&mut self, tree: &'t Tree) -> Result<(), Error> {
-        self.nodes.push(Node {
-            id: ROOT,
-            parent: 0,
-            name: b"",
-            nlink: 2,
-            xattr_size: 0,
-            kind: Kind::Bare { i_u: 0 },
-            pos: 0,
-        });
-        self.index[ROOT as usize] = 0;
-        let mut queue = VecDeque::from([0u32]);
-        while let Some(d) = queue.pop_front() {
-            let Some(entries) = tree.dirs.get(&self.nodes[d as usize].id) else {
-                continue;
+/// Breadth-first from the root: gives each reachable inode its `seq` and
+/// link count. Returns how many were placed.
+fn order(tree: &mut Tree) -> Result<u32, Error> {
+    tree.clear_placements()?;
+    let root = Placed {
+        seq: 0,
+        parent: ROOT,
+        nlink: 2,
+        ..Placed::default()
+    };
+    tree.place(ROOT, root)?;
+    let mut next: u32 = 1;
+    // Directories are listed in the order they were placed: breadth-first.
+    let mut nodes = InOrder::default();
+    while let Some((dir, mut me, inode)) = nodes.next(tree, next)? {
+        if inode.is_dir() {
+            me.nlink = place_entries(tree, dir, &mut next)?;
+            tree.place(dir, me)?;
+        }
+    }
+    Ok(next)
+}
+
+/// Places the entries of directory `dir` not placed yet, from the
+/// `next`th on, and counts another link for those that are. Returns the
+/// directory's own link count.
+fn place_entries(tree: &mut Tree, dir: NodeId, next: &mut u32) -> Result<u32, Error> {
+    let mut nlink: u32 = 2;
+    // Placements made from this batch: it was read before them.
+    let mut fresh: Vec<(NodeId, Placed)> = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let batch = tree.entries(dir, after.as_deref(), BATCH)?;
+        fresh.clear();
+        for e in &batch {
+            check_name(&e.name).map_err(|err| at_entry(tree, dir, &e.name, err))?;
+            let is_dir = e.mode & libc::S_IFMT == libc::S_IFDIR;
+            let known = match fresh.iter().rev().find(|(id, _)| *id == e.id) {
+                Some((_, p)) => Some(*p),
+                None => e.placed,
             };
-            for (name, &child) in entries {
-                check_name(name).map_err(|e| self.at_entry(d, name, e))?;
-                let inode = tree.inodes.get(child as usize).ok_or_else(|| {
-                    self.at_entry(d, name, invalid(format!("names missing inode {child}")))
-                })?;
-                let placed = self.index[child as usize];
-                if placed == UNPLACED {
-                    let at = self.nodes.len() as u32;
-                    self.index[child as usize] = at;
-                    self.nodes.push(Node {
-                        id: child,
-                        parent: d,
-                        name,
-                        nlink: if inode.is_dir() { 2 } else { 1 },
-                        xattr_size: 0,
-                        kind: Kind::Bare { i_u: 0 },
+            let placed = match known {
+                None => {
+                    let placed = Placed {
+                        seq: *next,
+                        parent: dir,
+                        nlink: if is_dir { 2 } else { 1 },
                         pos: 0,
-                    });
-                    if inode.is_dir() {
-                        queue.push_back(at);
-                        let parent = &mut self.nodes[d as usize];
-                        parent.nlink = parent
-                            .nlink
+                        size: 0,
+                    };
+                    *next = next
+                        .checked_add(1)
+                        .filter(|&n| n < u32::MAX)
+                        .ok_or_else(|| unrepresentable("over 2^32 inodes"))?;
+                    if is_dir {
+                        nlink = nlink
                             .checked_add(1)
                             .ok_or_else(|| unrepresentable("over 2^32 subdirectories"))?;
                     }
-                } else if inode.is_dir() {
-                    let e = invalid("a directory named twice (or the root named)");
-                    return Err(self.at_entry(d, name, e));
-                } else {
-                    let n = &mut self.nodes[placed as usize];
-                    n.nlink = n
+                    placed
+                }
+                Some(_) if is_dir => {
+                    let err = invalid("a directory named twice (or the root named)");
+                    return Err(at_entry(tree, dir, &e.name, err));
+                }
+                Some(mut p) => {
+                    p.nlink = p
                         .nlink
                         .checked_add(1)
                         .ok_or_else(|| unrepresentable("over 2^32 hardlinks"))?;
+                    p
+                }
+            };
+            tree.place(e.id, placed)?;
+            fresh.push((e.id, placed));
+        }
+        match batch.into_iter().last() {
+            Some(last) => after = Some(last.name),
+            None => return Ok(nlink),
+        }
+    }
+}
+
+/// The placed inodes in image order, read from the tree in batches.
+#[derive(Default)]
+struct InOrder {
+    read: u32,
+    batch: std::vec::IntoIter<(NodeId, Placed, Inode)>,
+}
+
+impl InOrder {
+    /// The next placed inode, while fewer than `count` were given.
+    fn next(&mut self, tree: &Tree, count: u32) -> Result<Option<(NodeId, Placed, Inode)>, Error> {
+        if let Some(node) = self.batch.next() {
+            return Ok(Some(node));
+        }
+        if self.read >= count {
+            return Ok(None);
+        }
+        let batch = tree.in_order(self.read, BATCH)?;
+        if batch.is_empty() {
+            return Err(invalid(format!("nothing placed {}th", self.read)));
+        }
+        self.read += batch.len() as u32;
+        self.batch = batch.into_iter();
+        Ok(self.batch.next())
+    }
+}
+
+fn placement(tree: &Tree, id: NodeId) -> Result<Placed, Error> {
+    tree.placed(id)?
+        .ok_or_else(|| invalid(format!("inode {id} is named but not placed")))
+}
+
+fn nid(p: &Placed) -> u64 {
+    p.pos >> INODE_SLOT_BITS
+}
+
+impl Plan {
+    /// Checks an inode's type and data and says how to lay it out, with
+    /// the size of its xattrs (a directory's size is in its placement).
+    fn kind(&self, inode: &Inode, placed: &Placed) -> Result<(Kind, usize), Error> {
+        let xattr_size = xattr_body_size(inode)?;
+        let kind = self.data_kind(inode, placed)?;
+        // Inline only when inode, xattrs and tail share one block: the
+        // kernel reads the tail relative to the inode's block.
+        let kind = match kind {
+            Kind::Flat { size, .. } => {
+                let tail = size % BLOCK_SIZE;
+                let head = EXTENDED_INODE_SIZE as u64 + xattr_size as u64;
+                Kind::Flat {
+                    size,
+                    inline: tail > 0 && head + tail <= BLOCK_SIZE,
                 }
             }
-        }
-        Ok(())
+            k => k,
+        };
+        Ok((kind, xattr_size))
     }
 
-    /// Checks node `i`'s type and data and says how to lay it out (flat
-    /// kinds get their block address later).
-    fn kind(
-        &self,
-        tree: &Tree,
-        i: usize,
-        has_staging: bool,
-        staging_blocks: u64,
-    ) -> Result<Kind, Error> {
-        let inode = &tree.inodes[self.nodes[i].id as usize];
+    fn data_kind(&self, inode: &Inode, placed: &Placed) -> Result<Kind, Error> {
         if inode.mode > 0xffff {
             return Err(unrepresentable(format!("mode {:#o}", inode.mode)));
         }
@@ -453,9 +496,8 @@ impl<'t> Plan<'t> {
         let wrong_data = || invalid(format!("data {:?} for mode {:#o}", inode.data, inode.mode));
         match (ft, &inode.data) {
             (libc::S_IFDIR, Data::None) => Ok(Kind::Flat {
-                size: dir_size(&dir_entries(tree, self, i)),
+                size: placed.size,
                 inline: false,
-                startblk: 0,
             }),
             (libc::S_IFLNK, Data::Symlink(target)) => {
                 if target.is_empty() || target.len() > SYMLINK_MAX || target.contains(&0) {
@@ -467,7 +509,6 @@ impl<'t> Plan<'t> {
                 Ok(Kind::Flat {
                     size: target.len() as u64,
                     inline: false,
-                    startblk: 0,
                 })
             }
             (libc::S_IFCHR | libc::S_IFBLK, Data::None) => {
@@ -519,7 +560,7 @@ impl<'t> Plan<'t> {
                     let Some(addr) = addr else { continue };
                     let len = (inode.size - n as u64 * chunk).min(chunk);
                     let end = addr.checked_add(len.div_ceil(BLOCK_SIZE));
-                    if !has_staging || end.is_none_or(|end| end > staging_blocks) {
+                    if !self.has_staging || end.is_none_or(|end| end > self.staging_blocks) {
                         return Err(invalid(format!(
                             "chunk {n} at staging block {addr} beyond the staging file"
                         )));
@@ -548,115 +589,96 @@ impl<'t> Plan<'t> {
         }
     }
 
-    fn nid(&self, id: NodeId) -> u64 {
-        self.nodes[self.index[id as usize] as usize].pos >> INODE_SLOT_BITS
-    }
-
-    /// The path of node `i`, for messages.
-    fn path(&self, mut i: usize) -> String {
-        let mut parts = Vec::new();
-        while i != 0 {
-            parts.push(self.nodes[i].name);
-            i = self.nodes[i].parent as usize;
-        }
-        let mut path = String::new();
-        for part in parts.iter().rev() {
-            path.push('/');
-            path.push_str(&String::from_utf8_lossy(part));
-        }
-        if path.is_empty() {
-            path.push('/');
-        }
-        path
-    }
-
-    /// `e` said of node `i`.
-    fn at(&self, i: usize, e: Error) -> Error {
-        self.at_path(self.path(i), e)
-    }
-
-    /// `e` said of entry `name` of directory node `dir`.
-    fn at_entry(&self, dir: u32, name: &[u8], e: Error) -> Error {
-        let mut path = self.path(dir as usize);
-        if !path.ends_with('/') {
-            path.push('/');
-        }
-        path.push_str(&String::from_utf8_lossy(name));
-        self.at_path(path, e)
-    }
-
-    fn at_path(&self, path: String, e: Error) -> Error {
-        match e {
-            Error::Unrepresentable { what } => unrepresentable(format!("{what} (at {path})")),
-            Error::Invalid { what } => invalid(format!("{what} (at {path})")),
-            e => e,
-        }
-    }
-
     /// The inode area: every inode, its xattrs, then its chunk indexes or
     /// inline tail.
-    fn write_inodes(&self, tree: &Tree, w: &mut Out<'_>) -> io::Result<()> {
-        let mut block = [0u8; BLOCK];
-        for (i, n) in self.nodes.iter().enumerate() {
-            let inode = &tree.inodes[n.id as usize];
-            let (layout, i_u, size) = match n.kind {
-                Kind::Bare { i_u } => (DataLayout::FlatPlain, i_u, 0),
-                Kind::Flat {
-                    size,
-                    inline,
-                    startblk,
-                } => {
-                    let layout = if inline {
-                        DataLayout::FlatInline
-                    } else {
-                        DataLayout::FlatPlain
-                    };
-                    (layout, startblk, size)
-                }
-                Kind::Chunked { size, blkbits, .. } => {
-                    (DataLayout::ChunkBased, format::chunk_format(blkbits), size)
-                }
-            };
-            let xattr_icount = format::xattr_icount(n.xattr_size as usize).unwrap_or(0);
-            let core = ExtendedInode {
-                layout,
-                xattr_icount,
-                mode: inode.mode as u16,
-                size,
-                i_u,
-                ino: i as u32 + 1,
-                uid: inode.uid,
-                gid: inode.gid,
-                mtime: inode.mtime,
-                mtime_nsec: inode.mtime_nsec,
-                nlink: n.nlink,
-            };
-            w.pad_to(n.pos)?;
-            w.put(&core.encode())?;
-            write_xattrs(inode, w)?;
-            match n.kind {
-                Kind::Chunked { blkbits, count, .. } => {
-                    w.pad_to(w.pos.next_multiple_of(CHUNK_INDEX_SIZE as u64))?;
-                    self.write_chunk_indexes(inode, blkbits, count, w)?;
-                }
-                Kind::Flat { size, inline, .. } if inline => {
-                    let tail = (size % BLOCK_SIZE) as usize;
-                    match &inode.data {
-                        Data::Symlink(target) => w.put(&target[target.len() - tail..])?,
-                        _ => {
-                            let entries = dir_entries(tree, self, i);
-                            let spans = dir_spans(&entries);
-                            let last = spans.last().cloned().unwrap_or_default();
-                            let used = encode_dir_block(&entries[last], self, tree, &mut block);
-                            debug_assert_eq!(used, tail);
-                            w.put(&block[..used])?;
-                        }
-                    }
-                }
-                _ => {}
-            }
+    fn write_inodes(&self, tree: &Tree, w: &mut Out<'_>) -> Result<(), Error> {
+        let mut blk = self.data_blk;
+        let mut nodes = InOrder::default();
+        while let Some((id, placed, inode)) = nodes.next(tree, self.count)? {
+            blk = self.write_inode(tree, id, &placed, &inode, blk, w)?;
         }
         Ok(())
+    }
+
+    /// Inode `id`, its xattrs, then its chunk indexes or inline tail;
+    /// `blk` is where its blocks go in the data area, if it has any.
+    /// Returns where the next inode's go.
+    fn write_inode(
+        &self,
+        tree: &Tree,
+        id: NodeId,
+        placed: &Placed,
+        inode: &Inode,
+        mut blk: u64,
+        w: &mut Out<'_>,
+    ) -> Result<u64, Error> {
+        let (kind, xattr_size) = self.kind(inode, placed).map_err(|e| at(tree, id, e))?;
+        let (layout, i_u, size) = match kind {
+            Kind::Bare { i_u } => (DataLayout::FlatPlain, i_u, 0),
+            Kind::Flat { size, inline } => {
+                let layout = if inline {
+                    DataLayout::FlatInline
+                } else {
+                    DataLayout::FlatPlain
+                };
+                // Blocks go to the data area in inode order.
+                let blocks = kind.data_blocks();
+                let startblk = if blocks > 0 { blk } else { 0 };
+                blk += blocks;
+                // In range: plan() checked the image fits 32 bits.
+                (layout, startblk as u32, size)
+            }
+            Kind::Chunked { size, blkbits, .. } => {
+                (DataLayout::ChunkBased, format::chunk_format(blkbits), size)
+            }
+        };
+        let xattr_icount = format::xattr_icount(xattr_size).unwrap_or(0);
+        let core = ExtendedInode {
+            layout,
+            xattr_icount,
+            mode: inode.mode as u16,
+            size,
+            i_u,
+            ino: placed.seq + 1,
+            uid: inode.uid,
+            gid: inode.gid,
+            mtime: inode.mtime,
+            mtime_nsec: inode.mtime_nsec,
+            nlink: placed.nlink,
+        };
+        w.pad_to(placed.pos)?;
+        w.put(&core.encode())?;
+        write_xattrs(inode, w)?;
+        match kind {
+            Kind::Chunked { blkbits, count, .. } => {
+                w.pad_to(w.pos.next_multiple_of(CHUNK_INDEX_SIZE as u64))?;
+                self.write_chunk_indexes(inode, blkbits, count, w)?;
+            }
+            Kind::Flat { size, inline } if inline => {
+                let tail = (size % BLOCK_SIZE) as usize;
+                match &inode.data {
+                    Data::Symlink(target) => w.put(&target[target.len() - tail..])?,
+                    _ => {
+                        let mut last = Vec::new();
+                        dir_blocks(tree, id, placed, true, |b| {
+                            last.clear();
+                            last.extend_from_slice(b);
+                            Ok(())
+                        })?;
+                        if last.len() != tail {
+                            let e = invalid(format!(
+                                "a directory tail of {} bytes, {tail} planned",
+                                last.len()
+                            ));
+                            return Err(at(tree, id, e));
+                        }
+                        w.put(&last)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(blk)
     }
 
     fn write_chunk_indexes(
@@ -693,34 +715,218 @@ impl<'t> Plan<'t> {
     }
 
     /// The data area: whole blocks of directories and symlinks.
-    fn write_blocks(&self, tree: &Tree, w: &mut Out<'_>) -> io::Result<()> {
-        let mut block = [0u8; BLOCK];
-        for (i, n) in self.nodes.iter().enumerate() {
-            let Kind::Flat { startblk, .. } = n.kind else {
-                continue;
-            };
-            let blocks = n.kind.data_blocks() as usize;
+    fn write_blocks(&self, tree: &Tree, w: &mut Out<'_>) -> Result<(), Error> {
+        let mut blk = self.data_blk;
+        let mut nodes = InOrder::default();
+        while let Some((id, placed, inode)) = nodes.next(tree, self.count)? {
+            let (kind, _) = self.kind(&inode, &placed).map_err(|e| at(tree, id, e))?;
+            let blocks = kind.data_blocks();
             if blocks == 0 {
                 continue;
             }
-            w.pad_to(u64::from(startblk) * BLOCK_SIZE)?;
-            match &tree.inodes[n.id as usize].data {
+            let start = blk * BLOCK_SIZE;
+            blk += blocks;
+            w.pad_to(start)?;
+            match &inode.data {
                 Data::Symlink(target) => {
-                    let len = target.len().min(blocks * BLOCK);
+                    let len = target.len().min(blocks as usize * BLOCK);
                     w.put(&target[..len])?;
                 }
                 _ => {
-                    let entries = dir_entries(tree, self, i);
-                    for span in dir_spans(&entries).into_iter().take(blocks) {
-                        let used = encode_dir_block(&entries[span], self, tree, &mut block);
-                        w.put(&block[..used])?;
-                        w.pad_to(w.pos.next_multiple_of(BLOCK_SIZE))?;
-                    }
+                    let mut left = blocks;
+                    dir_blocks(tree, id, &placed, true, |b| {
+                        if left > 0 {
+                            left -= 1;
+                            w.put(b)?;
+                            w.pad_to(w.pos.next_multiple_of(BLOCK_SIZE))?;
+                        }
+                        Ok(())
+                    })?;
                 }
             }
-            w.pad_to((u64::from(startblk) + blocks as u64) * BLOCK_SIZE)?;
+            w.pad_to(blk * BLOCK_SIZE)?;
         }
         Ok(())
+    }
+}
+
+/// A directory's `i_size`: whole blocks, then the bytes of the last one
+/// (whose last name ends at `i_size`, not at a NUL).
+fn dir_size(tree: &Tree, id: NodeId) -> Result<u64, Error> {
+    let (mut blocks, mut last) = (0u64, 0u64);
+    dir_blocks(tree, id, &Placed::default(), false, |b| {
+        blocks += 1;
+        last = b.len() as u64;
+        Ok(())
+    })?;
+    Ok(blocks.saturating_sub(1) * BLOCK_SIZE + last)
+}
+
+/// Directory `id`'s blocks in order, each as the bytes it uses (the rest
+/// of a block is zeros): `.` and `..` among the entries, all in byte order
+/// (the kernel binary-searches them), as many dirents as fit in 512 bytes
+/// of 12-byte dirents plus names. `placed` is the directory's own
+/// placement; without `resolve`, nids are left 0 (only sizes are wanted).
+fn dir_blocks(
+    tree: &Tree,
+    id: NodeId,
+    placed: &Placed,
+    resolve: bool,
+    mut emit: impl FnMut(&[u8]) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let (dot, dotdot) = if resolve {
+        (nid(placed), nid(&placement(tree, placed.parent)?))
+    } else {
+        (0, 0)
+    };
+    let dir_ft = format::file_type(libc::S_IFDIR).unwrap_or(0);
+    let mut dots = [(&b"."[..], dot), (&b".."[..], dotdot)]
+        .into_iter()
+        .peekable();
+    let mut block = DirBlock::default();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let batch = tree.entries(id, after.as_deref(), BATCH)?;
+        for e in &batch {
+            while let Some((name, nid)) = dots.next_if(|(n, _)| *n < e.name.as_slice()) {
+                block.push(name, nid, dir_ft, &mut emit)?;
+            }
+            let child = match (resolve, &e.placed) {
+                (false, _) => 0,
+                (true, Some(p)) => nid(p),
+                (true, None) => {
+                    let err = invalid(format!("inode {} is named but not placed", e.id));
+                    return Err(at_entry(tree, id, &e.name, err));
+                }
+            };
+            let ft = format::file_type(e.mode).unwrap_or(0);
+            block.push(&e.name, child, ft, &mut emit)?;
+        }
+        match batch.into_iter().last() {
+            Some(last) => after = Some(last.name),
+            None => break,
+        }
+    }
+    for (name, nid) in dots {
+        block.push(name, nid, dir_ft, &mut emit)?;
+    }
+    block.flush(&mut emit)
+}
+
+/// One directory block being filled.
+struct DirBlock {
+    dirents: Vec<(u64, u8, std::ops::Range<usize>)>,
+    names: Vec<u8>,
+    buf: [u8; BLOCK],
+}
+
+impl Default for DirBlock {
+    fn default() -> Self {
+        DirBlock {
+            dirents: Vec::new(),
+            names: Vec::new(),
+            buf: [0; BLOCK],
+        }
+    }
+}
+
+impl DirBlock {
+    fn used(&self) -> usize {
+        self.dirents.len() * format::DIRENT_SIZE + self.names.len()
+    }
+
+    fn push(
+        &mut self,
+        name: &[u8],
+        nid: u64,
+        ft: u8,
+        emit: &mut impl FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        // Names are at most 255 bytes, so a block always takes one.
+        if self.used() + format::DIRENT_SIZE + name.len() > BLOCK {
+            self.flush(emit)?;
+        }
+        let start = self.names.len();
+        self.names.extend_from_slice(name);
+        self.dirents.push((nid, ft, start..self.names.len()));
+        Ok(())
+    }
+
+    /// Encodes the block (dirents, then the names back to back) and hands
+    /// it on.
+    fn flush(&mut self, emit: &mut impl FnMut(&[u8]) -> Result<(), Error>) -> Result<(), Error> {
+        if self.dirents.is_empty() {
+            return Ok(());
+        }
+        let base = self.dirents.len() * format::DIRENT_SIZE;
+        for (k, (nid, ft, range)) in self.dirents.iter().enumerate() {
+            let at = k * format::DIRENT_SIZE;
+            let nameoff = (base + range.start) as u16;
+            self.buf[at..at + format::DIRENT_SIZE]
+                .copy_from_slice(&format::dirent(*nid, nameoff, *ft));
+        }
+        let used = base + self.names.len();
+        self.buf[base..used].copy_from_slice(&self.names);
+        self.dirents.clear();
+        self.names.clear();
+        emit(&self.buf[..used])
+    }
+}
+
+/// The path of placed inode `id`, for messages.
+fn path(tree: &Tree, mut id: NodeId) -> String {
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    while id != ROOT {
+        let Ok(Some(p)) = tree.placed(id) else {
+            parts.push(format!("<inode {id}>").into_bytes());
+            break;
+        };
+        parts.push(name_in(tree, p.parent, id).unwrap_or_else(|| b"?".to_vec()));
+        id = p.parent;
+    }
+    let mut path = String::new();
+    for part in parts.iter().rev() {
+        path.push('/');
+        path.push_str(&String::from_utf8_lossy(part));
+    }
+    if path.is_empty() {
+        path.push('/');
+    }
+    path
+}
+
+/// A name directory `dir` gives inode `id`.
+fn name_in(tree: &Tree, dir: NodeId, id: NodeId) -> Option<Vec<u8>> {
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let batch = tree.entries(dir, after.as_deref(), BATCH).ok()?;
+        if let Some(e) = batch.iter().find(|e| e.id == id) {
+            return Some(e.name.clone());
+        }
+        after = Some(batch.into_iter().last()?.name);
+    }
+}
+
+/// `e` said of inode `id`.
+fn at(tree: &Tree, id: NodeId, e: Error) -> Error {
+    at_path(path(tree, id), e)
+}
+
+/// `e` said of entry `name` of directory `dir`.
+fn at_entry(tree: &Tree, dir: NodeId, name: &[u8], e: Error) -> Error {
+    let mut path = path(tree, dir);
+    if !path.ends_with('/') {
+        path.push('/');
+    }
+    path.push_str(&String::from_utf8_lossy(name));
+    at_path(path, e)
+}
+
+fn at_path(path: String, e: Error) -> Error {
+    match e {
+        Error::Unrepresentable { what } => unrepresentable(format!("{what} (at {path})")),
+        Error::Invalid { what } => invalid(format!("{what} (at {path})")),
+        e => e,
     }
 }
 
@@ -799,81 +1005,6 @@ fn write_xattrs(inode: &Inode, w: &mut Out<'_>) -> io::Result<()> {
         w.pad_to(w.pos.next_multiple_of(4))?;
     }
     Ok(())
-}
-
-/// A directory's entries as stored: `.` and `..` among the others, all in
-/// byte order (the kernel binary-searches them).
-fn dir_entries<'t>(tree: &'t Tree, plan: &Plan, i: usize) -> Vec<(&'t [u8], NodeId)> {
-    let id = plan.nodes[i].id;
-    let parent = plan.nodes[plan.nodes[i].parent as usize].id;
-    let named = tree.dirs.get(&id);
-    let mut v: Vec<(&[u8], NodeId)> = Vec::with_capacity(named.map_or(0, |m| m.len()) + 2);
-    v.extend(named.into_iter().flatten().map(|(k, &c)| (k.as_slice(), c)));
-    for (dot, target) in [(&b".."[..], parent), (&b"."[..], id)] {
-        let at = v.partition_point(|(name, _)| *name < dot);
-        v.insert(at, (dot, target));
-    }
-    v
-}
-
-/// Splits sorted entries into directory blocks: as many as fit in 512
-/// bytes of 12-byte dirents plus names. (Names are at most 255 bytes, so
-/// every block takes at least one.)
-fn dir_spans(entries: &[(&[u8], NodeId)]) -> Vec<Range<usize>> {
-    let mut spans = Vec::new();
-    let mut start = 0;
-    let mut used = 0;
-    for (i, (name, _)) in entries.iter().enumerate() {
-        let need = format::DIRENT_SIZE + name.len();
-        if used + need > BLOCK {
-            spans.push(start..i);
-            start = i;
-            used = 0;
-        }
-        used += need;
-    }
-    if start < entries.len() {
-        spans.push(start..entries.len());
-    }
-    spans
-}
-
-/// A directory's `i_size`: whole blocks, then the bytes of the last one
-/// (whose last name ends at `i_size`, not at a NUL).
-fn dir_size(entries: &[(&[u8], NodeId)]) -> u64 {
-    let spans = dir_spans(entries);
-    let Some(last) = spans.last() else {
-        return 0;
-    };
-    let tail: usize = entries[last.clone()]
-        .iter()
-        .map(|(name, _)| format::DIRENT_SIZE + name.len())
-        .sum();
-    (spans.len() as u64 - 1) * BLOCK_SIZE + tail as u64
-}
-
-/// One directory block: the dirents, then the names back to back; the
-/// rest of `block` zeroed. Returns the bytes used.
-fn encode_dir_block(
-    entries: &[(&[u8], NodeId)],
-    plan: &Plan,
-    tree: &Tree,
-    block: &mut [u8; BLOCK],
-) -> usize {
-    let mut nameoff = entries.len() * format::DIRENT_SIZE;
-    for (k, (name, id)) in entries.iter().enumerate() {
-        let ft = format::file_type(tree.inodes[*id as usize].mode).unwrap_or(0);
-        let at = k * format::DIRENT_SIZE;
-        block[at..at + format::DIRENT_SIZE].copy_from_slice(&format::dirent(
-            plan.nid(*id),
-            nameoff as u16,
-            ft,
-        ));
-        block[nameoff..nameoff + name.len()].copy_from_slice(name);
-        nameoff += name.len();
-    }
-    block[nameoff..].fill(0);
-    nameoff
 }
 
 /// A random (version 4) volume uuid: overlayfs tells lower filesystems

@@ -3,7 +3,8 @@
 
 use super::*;
 use crate::erofs::mount::{is_mounted, kernel_support, mount_layer, unmount_layer};
-use crate::erofs::tree::{Data, Inode, NodeId, ROOT, Tree};
+use crate::erofs::tree::{Data, Inode, NodeId, ROOT, Spill, Tree};
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -12,16 +13,8 @@ use std::path::{Path, PathBuf};
 
 fn inode(mode: u32) -> Inode {
     Inode {
-        mode,
-        uid: 0,
-        gid: 0,
         mtime: 1_700_000_000,
-        mtime_nsec: 0,
-        size: 0,
-        major: 0,
-        minor: 0,
-        xattrs: Vec::new(),
-        data: Data::None,
+        ..Inode::empty(mode)
     }
 }
 
@@ -31,34 +24,54 @@ fn dir_inode() -> Inode {
 
 /// A tree under construction with its tar-like data file (bytes at
 /// 512-aligned offsets, each after a 512-byte stand-in header) and an
-/// optional staging file.
+/// optional staging file. The tree is built twice, in memory and spilled
+/// to disk from its first inode: every image is written from both, and
+/// the two must be the same bytes (or the same refusal).
 struct Layer {
-    tree: Tree,
+    tree: RefCell<Tree>,
+    spilled: RefCell<Tree>,
+    _spill_dir: tempfile::TempDir,
     tar: Vec<u8>,
     staging: Option<Vec<u8>>,
 }
 
 impl Layer {
     fn new() -> Self {
+        let spill_dir = tempfile::tempdir().unwrap();
+        let spill = Spill {
+            path: spill_dir.path().join("index"),
+            budget: 0,
+        };
+        let spilled = Tree::with_spill(dir_inode(), spill).unwrap();
+        assert!(spilled.spilled());
         Layer {
-            tree: Tree::new(dir_inode()),
+            tree: RefCell::new(Tree::new(dir_inode())),
+            spilled: RefCell::new(spilled),
+            _spill_dir: spill_dir,
             tar: Vec::new(),
             staging: None,
         }
     }
 
     fn add(&mut self, parent: NodeId, name: impl AsRef<[u8]>, inode: Inode) -> NodeId {
-        let id = self.tree.add(inode);
+        let id = self.tree.get_mut().add(inode.clone()).unwrap();
+        assert_eq!(self.spilled.get_mut().add(inode).unwrap(), id);
         self.link(parent, name, id);
         id
     }
 
     fn link(&mut self, parent: NodeId, name: impl AsRef<[u8]>, id: NodeId) {
-        self.tree
-            .dirs
-            .get_mut(&parent)
-            .expect("parent is a directory")
-            .insert(name.as_ref().to_vec(), id);
+        for t in [self.tree.get_mut(), self.spilled.get_mut()] {
+            t.link(parent, name.as_ref(), id)
+                .expect("parent is a directory");
+        }
+    }
+
+    /// Changes inode `id` (in both trees).
+    fn edit(&mut self, id: NodeId, change: impl Fn(&mut Inode)) {
+        for t in [self.tree.get_mut(), self.spilled.get_mut()] {
+            t.update(id, &change).unwrap();
+        }
     }
 
     fn dir(&mut self, parent: NodeId, name: impl AsRef<[u8]>) -> NodeId {
@@ -116,7 +129,36 @@ impl Layer {
             f
         });
         let mut out = File::create(dir.join("layer.erofs")).unwrap();
-        write_image(&self.tree, tar_len, staging.as_mut(), &mut out)
+        let layout = write_image(
+            &mut self.tree.borrow_mut(),
+            tar_len,
+            staging.as_mut(),
+            &mut out,
+        );
+        // The spilled tree writes the same image, uuid aside.
+        let mut again = tempfile::tempfile_in(dir).unwrap();
+        let same = write_image(
+            &mut self.spilled.borrow_mut(),
+            tar_len,
+            staging.as_mut(),
+            &mut again,
+        );
+        match (&layout, &same) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a, b);
+                let uuid = SUPER_OFFSET as usize + 48..SUPER_OFFSET as usize + 64;
+                let mut first = std::fs::read(dir.join("layer.erofs")).unwrap();
+                let mut second = Vec::new();
+                again.seek(SeekFrom::Start(0)).unwrap();
+                again.read_to_end(&mut second).unwrap();
+                first[uuid.clone()].fill(0);
+                second[uuid].fill(0);
+                assert!(first == second, "the spilled tree wrote another image");
+            }
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+            _ => panic!("in memory: {layout:?}; spilled: {same:?}"),
+        }
+        layout
     }
 
     /// Writes and mounts the image; `None` (having said why) where this
@@ -206,25 +248,65 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 // ---- pure layout -------------------------------------------------------
 
+/// The root's directory blocks, as the bytes each uses (nids left 0).
+fn root_blocks(l: &Layer) -> Vec<Vec<u8>> {
+    let mut blocks = Vec::new();
+    let me = Placed {
+        parent: ROOT,
+        ..Placed::default()
+    };
+    for tree in [&l.tree, &l.spilled] {
+        let mut got = Vec::new();
+        dir_blocks(&tree.borrow(), ROOT, &me, false, |b| {
+            got.push(b.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        if !blocks.is_empty() {
+            assert_eq!(got, blocks, "the spilled tree lists another directory");
+        }
+        blocks = got;
+    }
+    blocks
+}
+
+/// The names of a directory block, in order.
+fn block_names(b: &[u8]) -> Vec<Vec<u8>> {
+    let off = |k: usize| u16::from_le_bytes([b[k * 12 + 8], b[k * 12 + 9]]) as usize;
+    let count = off(0) / 12;
+    (0..count)
+        .map(|k| {
+            let end = if k + 1 < count { off(k + 1) } else { b.len() };
+            b[off(k)..end].to_vec()
+        })
+        .collect()
+}
+
 #[test]
 fn dir_blocks_pack_as_many_entries_as_fit() {
-    // 12-byte dirents plus 1-byte names: 39 entries fill 507 bytes.
-    let names: Vec<Vec<u8>> = (0..40u8).map(|i| vec![b'A' + i % 26]).collect();
-    let entries: Vec<(&[u8], NodeId)> = names.iter().map(|n| (n.as_slice(), 0)).collect();
-    assert_eq!(dir_spans(&entries), vec![0..39, 39..40]);
-    assert_eq!(dir_size(&entries), 512 + 13);
+    // 12-byte dirents: `.` (13 bytes) and `..` (14) with 37 one-byte
+    // names fill 508 bytes; the 38th starts a block.
+    let mut l = Layer::new();
+    for c in (b'A'..=b'Z').chain(b'a'..=b'l') {
+        l.file(ROOT, [c], b"");
+    }
+    let lens: Vec<usize> = root_blocks(&l).iter().map(Vec::len).collect();
+    assert_eq!(lens, vec![508, 13]);
 
     // 255-byte names: one per block after `.` and `..` share the first.
-    let long = vec![b'x'; 255];
-    let entries: Vec<(&[u8], NodeId)> = vec![(b".", 0), (b"..", 0), (&long, 1), (&long, 2)];
-    assert_eq!(dir_spans(&entries), vec![0..3, 3..4]);
-    assert_eq!(dir_size(&entries), 512 + 267);
+    let mut l = Layer::new();
+    l.file(ROOT, vec![b'x'; 255], b"");
+    l.file(ROOT, vec![b'y'; 255], b"");
+    let lens: Vec<usize> = root_blocks(&l).iter().map(Vec::len).collect();
+    assert_eq!(lens, vec![294, 267]);
 
-    // Exactly a block: no tail.
-    let n = vec![b'y'; 512 - 13 - 14 - 13 - 12];
-    let entries: Vec<(&[u8], NodeId)> = vec![(b".", 0), (b"..", 0), (b"a", 1), (&n, 2)];
-    assert_eq!(dir_spans(&entries), vec![0..4]);
-    assert_eq!(dir_size(&entries), 512);
+    // Exactly a block: no tail (the name is longer than a real one may
+    // be, to fill it).
+    let mut l = Layer::new();
+    l.file(ROOT, "a", b"");
+    l.file(ROOT, vec![b'y'; 512 - 13 - 14 - 13 - 12], b"");
+    let lens: Vec<usize> = root_blocks(&l).iter().map(Vec::len).collect();
+    assert_eq!(lens, vec![512]);
 }
 
 #[test]
@@ -233,11 +315,9 @@ fn dot_entries_sort_among_the_others() {
     for name in ["a", "-", "!", ".a", "..b", "\u{7f}", "+"] {
         l.file(ROOT, name, b"");
     }
-    let p = plan(&l.tree, l.tar.len() as u64, false, 0).unwrap();
-    let names: Vec<&[u8]> = dir_entries(&l.tree, &p, 0)
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
+    let blocks = root_blocks(&l);
+    assert_eq!(blocks.len(), 1);
+    let names = block_names(&blocks[0]);
     let want: Vec<&[u8]> = vec![b"!", b"+", b"-", b".", b"..", b"..b", b".a", b"a", b"\x7f"];
     assert_eq!(names, want);
 }
@@ -268,9 +348,9 @@ fn inodes_and_inline_tails_never_straddle_blocks() {
             &pattern(len, 1).iter().map(|b| b | 1).collect::<Vec<_>>(),
         );
         if len % 3 == 0 {
-            l.tree.inodes[id as usize]
-                .xattrs
-                .push((b"trusted.k".to_vec(), vec![7; len % 40]));
+            l.edit(id, |i| {
+                i.xattrs.push((b"trusted.k".to_vec(), vec![7; len % 40]))
+            });
         }
     }
     for k in 0..60usize {
@@ -279,26 +359,32 @@ fn inodes_and_inline_tails_never_straddle_blocks() {
             l.file(sub, format!("{j}-{}", "n".repeat((k * 7 + j) % 50)), b"");
         }
     }
-    let p = plan(&l.tree, l.tar.len() as u64, false, 0).unwrap();
+    let mut tree = l.tree.borrow_mut();
+    let p = plan(&mut tree, l.tar.len() as u64, false, 0).unwrap();
     // The root comes first (at most padded to the next block), so its nid
     // fits the superblock's 16 bits.
-    assert_eq!(p.nodes[0].id, ROOT);
-    assert!(p.nodes[0].pos <= 1536, "root at {}", p.nodes[0].pos);
+    assert_eq!(tree.at(0).unwrap(), Some(ROOT));
+    let root = tree.placed(ROOT).unwrap().unwrap();
+    assert!(root.pos <= 1536, "root at {}", root.pos);
     let mut end = 0;
-    for n in &p.nodes {
-        assert!(n.pos >= end, "overlap at {}", n.pos);
-        assert_eq!(n.pos % 32, 0);
-        let head = 64 + n.xattr_size as u64;
-        assert!(n.pos % 512 + 64 <= 512, "inode across blocks at {}", n.pos);
-        let tail = n.kind.inline_bytes();
+    for seq in 0..p.count {
+        let id = tree.at(seq).unwrap().unwrap();
+        let placed = tree.placed(id).unwrap().unwrap();
+        let pos = placed.pos;
+        let inode = tree.inode(id).unwrap().into_owned();
+        let (kind, xattr_size) = p.kind(&inode, &placed).unwrap();
+        assert!(pos >= end, "overlap at {pos}");
+        assert_eq!(pos % 32, 0);
+        let head = 64 + xattr_size as u64;
+        assert!(pos % 512 + 64 <= 512, "inode across blocks at {pos}");
+        let tail = kind.inline_bytes();
         if tail > 0 {
             assert!(
-                n.pos % 512 + head + tail <= 512,
-                "tail across blocks at {}",
-                n.pos
+                pos % 512 + head + tail <= 512,
+                "tail across blocks at {pos}"
             );
         }
-        end = n.pos + head + tail;
+        end = pos + head + tail;
     }
 }
 
@@ -359,9 +445,7 @@ fn unknown_xattr_prefixes_are_named() {
     let mut l = Layer::new();
     let d = l.dir(ROOT, "d");
     let f = l.file(d, "f", b"x");
-    l.tree.inodes[f as usize]
-        .xattrs
-        .push((b"foo.bar".to_vec(), b"1".to_vec()));
+    l.edit(f, |i| i.xattrs.push((b"foo.bar".to_vec(), b"1".to_vec())));
     let e = refusal(&l);
     assert!(matches!(e, Error::Unrepresentable { .. }), "{e}");
     let text = e.to_string();
@@ -373,14 +457,14 @@ fn oversized_fields_are_unrepresentable() {
     let cases: &[fn(&mut Layer)] = &[
         |l| {
             let f = l.file(ROOT, "f", b"");
-            l.tree.inodes[f as usize]
-                .xattrs
-                .push((b"user.big".to_vec(), vec![0; 65_536]));
+            l.edit(f, |i| {
+                i.xattrs.push((b"user.big".to_vec(), vec![0; 65_536]))
+            });
         },
         |l| {
             let f = l.file(ROOT, "f", b"");
             let name = [b"user.".to_vec(), vec![b'n'; 256]].concat();
-            l.tree.inodes[f as usize].xattrs.push((name, Vec::new()));
+            l.edit(f, |i| i.xattrs.push((name.clone(), Vec::new())));
         },
         |l| {
             l.file(ROOT, "a/b", b"");
@@ -483,7 +567,7 @@ fn inconsistent_trees_are_invalid() {
         |l| {
             let f = l.file(ROOT, "f", b"");
             let x = (b"user.a".to_vec(), b"1".to_vec());
-            l.tree.inodes[f as usize].xattrs = vec![x.clone(), x];
+            l.edit(f, |i| i.xattrs = vec![x.clone(), x.clone()]);
         },
     ];
     for (i, case) in cases.iter().enumerate() {
@@ -499,8 +583,8 @@ fn inconsistent_trees_are_invalid() {
 #[test]
 fn modes_owners_and_times_as_root() {
     let mut l = Layer::new();
-    l.tree.inodes[0].mtime = 1_234_567_890;
-    l.tree.inodes[0].mtime_nsec = 42;
+    l.edit(0, |i| i.mtime = 1_234_567_890);
+    l.edit(0, |i| i.mtime_nsec = 42);
     let cases: [(&str, u32, u32, u32, i64, u32); 6] = [
         (
             "setuid",
@@ -703,17 +787,18 @@ fn symlinks_as_root() {
         let id = l.symlink(d, format!("{len:04}"), &t);
         if len % 5 == 0 {
             // Xattrs push the tail towards the block's end.
-            l.tree.inodes[id as usize]
-                .xattrs
-                .push((b"trusted.pad".to_vec(), vec![b'p'; len % 97]));
+            l.edit(id, |i| {
+                i.xattrs
+                    .push((b"trusted.pad".to_vec(), vec![b'p'; len % 97]))
+            });
         }
         want.push((format!("{len:04}"), t, len % 5 == 0));
     }
     l.symlink(ROOT, "short", b"l/0001");
     let fat = l.symlink(ROOT, "fat", b"l/0002");
-    l.tree.inodes[fat as usize]
-        .xattrs
-        .push((b"trusted.fat".to_vec(), vec![b'f'; 1000]));
+    l.edit(fat, |i| {
+        i.xattrs.push((b"trusted.fat".to_vec(), vec![b'f'; 1000]))
+    });
     let Some(m) = l.mount() else { return };
     for (name, t, has_xattr) in &want {
         let p = m.path(format!("l/{name}"));
@@ -860,17 +945,23 @@ fn xattrs_as_root() {
     ];
     let mut l = Layer::new();
     let f = l.file(ROOT, "f", b"file with xattrs");
-    l.tree.inodes[f as usize].xattrs = xattrs
-        .iter()
-        .map(|(n, v)| (n.as_bytes().to_vec(), v.clone()))
-        .collect();
+    l.edit(f, |i| {
+        i.xattrs = xattrs
+            .iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.clone()))
+            .collect()
+    });
     let d = l.dir(ROOT, "d");
-    l.tree.inodes[d as usize].xattrs = vec![
-        (b"trusted.overlay.opaque".to_vec(), b"y".to_vec()),
-        (b"system.posix_acl_default".to_vec(), acl.clone()),
-    ];
+    l.edit(d, |i| {
+        i.xattrs = vec![
+            (b"trusted.overlay.opaque".to_vec(), b"y".to_vec()),
+            (b"system.posix_acl_default".to_vec(), acl.clone()),
+        ]
+    });
     let s = l.symlink(ROOT, "s", b"f");
-    l.tree.inodes[s as usize].xattrs = vec![(b"trusted.t".to_vec(), b"on a link".to_vec())];
+    l.edit(s, |i| {
+        i.xattrs = vec![(b"trusted.t".to_vec(), b"on a link".to_vec())]
+    });
     l.file(ROOT, "none", b"");
     let Some(m) = l.mount() else { return };
 
@@ -989,15 +1080,15 @@ fn directories_of_every_size_as_root() {
     for k in 0..90usize {
         let d = l.dir(ROOT, format!("d{k:02}"));
         if k % 4 == 1 {
-            l.tree.inodes[d as usize]
-                .xattrs
-                .push((b"user.k".to_vec(), vec![b'k'; k * 3]));
+            l.edit(d, |i| {
+                i.xattrs.push((b"user.k".to_vec(), vec![b'k'; k * 3]))
+            });
         }
         if k % 10 == 3 {
             // Inode and xattrs alone fill a block: no inline tail.
-            l.tree.inodes[d as usize]
-                .xattrs
-                .push((b"user.big".to_vec(), vec![b'b'; 700]));
+            l.edit(d, |i| {
+                i.xattrs.push((b"user.big".to_vec(), vec![b'b'; 700]))
+            });
         }
         let names: Vec<String> = (0..k)
             .map(|j| format!("{j}{}", "n".repeat((k * 7 + j * 13) % 60)))
@@ -1127,9 +1218,10 @@ fn overlay_hides_whiteouts_and_opaque_directories_as_root() {
     upper.add(a, "file1", whiteout());
     upper.file(a, "new3", b"three");
     let b = upper.dir(ROOT, "b");
-    upper.tree.inodes[b as usize]
-        .xattrs
-        .push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
+    upper.edit(b, |i| {
+        i.xattrs
+            .push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()))
+    });
     upper.file(b, "y", b"y");
     upper.add(ROOT, "c", whiteout());
 

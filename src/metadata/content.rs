@@ -41,6 +41,16 @@ impl ContentStore {
         &self.namespace
     }
 
+    /// A nameless scratch file beside the ingests (see
+    /// [`crate::content::local::LocalStore::spool`]).
+    pub fn spool(&self) -> io::Result<std::fs::File> {
+        self.db.local_content().spool()
+    }
+
+    pub fn spool_dir(&self) -> std::path::PathBuf {
+        self.db.local_content().spool_dir()
+    }
+
     /// Ingest refs are namespaced on disk, so two namespaces never share one.
     fn backend_ref(&self, reference: &str) -> String {
         format!("{}/{}", self.namespace, reference)

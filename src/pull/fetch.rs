@@ -144,6 +144,7 @@ impl BlobFetch<'_> {
                 &mut sink,
                 ranged.part_size,
                 ranged.parts_at_once,
+                self.store,
             )
             .await
         } else {
@@ -232,7 +233,8 @@ async fn download_rest(
 }
 
 /// The blob as consecutive parts, `at_once` requests in flight, each part
-/// whole in memory until its turn; falls back to one stream when the
+/// spooled to a nameless file of the store until its turn (in memory where
+/// the filesystem has no such files); falls back to one stream when the
 /// registry ignores the range of the first.
 async fn download_in_parts(
     repo: &Repository,
@@ -240,7 +242,9 @@ async fn download_in_parts(
     sink: &mut Sink<'_>,
     part_size: u64,
     at_once: usize,
+    store: &ContentStore,
 ) -> Result<(), Stop> {
+    let key = sink.key;
     let part_size = part_size.max(1);
     let probe = repo.blob(desc, 0..part_size.min(desc.size)).await?;
     if probe.status() != StatusCode::PARTIAL_CONTENT {
@@ -260,20 +264,20 @@ async fn download_in_parts(
                     .acquire_owned()
                     .await
                     .map_err(|e| Stop::Failed(Error::Internal(format!("part limiter: {e}"))))?;
-                let mut buf = BytesMut::with_capacity((range.end - range.start) as usize);
-                download_range(repo, desc, range, first, Dest::Buffer(&mut buf))
+                let mut part = Part::new(store, key, desc, range.end - range.start).await;
+                download_range(repo, desc, range, first, Dest::Part(&mut part))
                     .await
-                    .map(|()| (buf.freeze(), held))
+                    .map(|()| (part, held))
             }
         });
     // Parts go on downloading while earlier ones are handed on (the apply
     // may be the slower side), handed on in pieces small enough for the
     // ingest channel and the feed. A part holds its room until it has been
-    // handed on, so at most `at_once` parts are in memory; the channel has
-    // a place for each, so a finished part never keeps the others from
-    // being polled.
+    // handed on, so at most `at_once` parts wait; the channel has a place
+    // for each, so a finished part never keeps the others from being
+    // polled.
     let (ready_tx, mut ready_rx) =
-        mpsc::channel::<Result<(Bytes, OwnedSemaphorePermit), Stop>>(at_once.max(1));
+        mpsc::channel::<Result<(Part, OwnedSemaphorePermit), Stop>>(at_once.max(1));
     let producer = async move {
         let mut parts = futures_util::stream::iter(parts).buffered(at_once.max(1));
         loop {
@@ -290,11 +294,8 @@ async fn download_in_parts(
     };
     let consumer = async move {
         while let Some(part) = ready_rx.recv().await {
-            let (mut part, _room) = part?;
-            while !part.is_empty() {
-                let piece = part.split_to(part.len().min(PIECE));
-                sink.deliver(piece).await?;
-            }
+            let (part, _room) = part?;
+            part.hand_on(sink).await?;
         }
         Ok(())
     };
@@ -321,22 +322,103 @@ fn content_range_start(response: &Response) -> Option<u64> {
         .ok()
 }
 
+/// A part of a ranged fetch, held until its turn.
+enum Part {
+    /// In a nameless file of the store; `what` says which, for errors.
+    Spooled {
+        file: tokio::fs::File,
+        what: String,
+    },
+    Memory(BytesMut),
+}
+
+fn spool_error(what: &str, source: std::io::Error) -> Stop {
+    Stop::Failed(Error::Content(ContentError::Io {
+        context: what.to_string(),
+        source,
+    }))
+}
+
+impl Part {
+    async fn new(store: &ContentStore, key: &str, desc: &Descriptor, len: u64) -> Part {
+        let what = format!(
+            "writing ingest {key}: a part of {} spooled in {}",
+            desc.digest,
+            store.spool_dir().display()
+        );
+        let store = store.clone();
+        match blocking(move || store.spool()).await {
+            Ok(Ok(file)) => Part::Spooled {
+                file: tokio::fs::File::from_std(file),
+                what,
+            },
+            failed => {
+                tracing::debug!(?failed, "no spool file: the part waits in memory");
+                Part::Memory(BytesMut::with_capacity(len as usize))
+            }
+        }
+    }
+
+    async fn put(&mut self, chunk: &[u8]) -> Result<(), Stop> {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            Part::Spooled { file, what } => file
+                .write_all(chunk)
+                .await
+                .map_err(|e| spool_error(what, e)),
+            Part::Memory(buf) => {
+                buf.extend_from_slice(chunk);
+                Ok(())
+            }
+        }
+    }
+
+    /// Hands the part on to `sink` in pieces.
+    async fn hand_on(self, sink: &mut Sink<'_>) -> Result<(), Stop> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+        match self {
+            Part::Memory(buf) => {
+                let mut part = buf.freeze();
+                while !part.is_empty() {
+                    let piece = part.split_to(part.len().min(PIECE));
+                    sink.deliver(piece).await?;
+                }
+            }
+            Part::Spooled { mut file, what } => {
+                let fail = |e| spool_error(&what, e);
+                file.flush().await.map_err(fail)?;
+                file.seek(std::io::SeekFrom::Start(0)).await.map_err(fail)?;
+                loop {
+                    let mut piece = BytesMut::with_capacity(PIECE);
+                    while piece.len() < PIECE {
+                        if file.read_buf(&mut piece).await.map_err(fail)? == 0 {
+                            break;
+                        }
+                    }
+                    if piece.is_empty() {
+                        break;
+                    }
+                    sink.deliver(piece.freeze()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where [`download_range`] puts what it downloads.
 enum Dest<'a, 'b> {
     /// Straight on, as it arrives.
     Sink(&'a mut Sink<'b>),
     /// Held for its turn (a part of a ranged fetch).
-    Buffer(&'a mut BytesMut),
+    Part(&'a mut Part),
 }
 
 impl Dest<'_, '_> {
     async fn put(&mut self, chunk: Bytes) -> Result<(), Stop> {
         match self {
             Dest::Sink(sink) => sink.deliver(chunk).await,
-            Dest::Buffer(buf) => {
-                buf.extend_from_slice(&chunk);
-                Ok(())
-            }
+            Dest::Part(part) => part.put(&chunk).await,
         }
     }
 }
