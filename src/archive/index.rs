@@ -102,7 +102,8 @@ pub fn index_layer_within(
         diff_id,
         uncompressed_size,
         entries: builder.entries,
-        implicit_dirs: implicit(&builder),
+        // A rebase indexes the layer again, whole (`needs_lowers`).
+        implicit_dirs: Vec::new(),
         needs_lowers: builder.needs_lowers,
     };
     write_image(
@@ -194,13 +195,6 @@ fn spill(dir: &Path, budget: usize) -> Spill {
     }
 }
 
-fn implicit(b: &Builder) -> Vec<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    b.implicit
-        .iter()
-        .map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p)))
-        .collect()
-}
 
 fn open_below(below: &IndexBelow, userxattr: bool) -> Result<Below, ArchiveError> {
     Ok(match below {

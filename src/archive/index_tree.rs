@@ -168,9 +168,9 @@ pub(super) struct Builder {
     /// When the index is made: the time of directories it invents.
     now: Time,
     pub entries: u64,
-    /// Directories made with no lower to take metadata from.
-    pub implicit: std::collections::BTreeSet<RelPath>,
-    /// Whether the tree depends on lowers it was built without.
+    /// Whether the tree depends on lowers it was built without (a rebase
+    /// then indexes the layer again, whole: no list of what depended on
+    /// them is kept, so the index stays bounded).
     pub needs_lowers: bool,
     buf: Vec<u8>,
     /// The last directory resolved: entries come parent first.
@@ -228,7 +228,6 @@ impl Builder {
             opaque_xattr: whiteout::opaque_xattr(userxattr),
             now,
             entries: 0,
-            implicit: std::collections::BTreeSet::new(),
             needs_lowers: false,
             buf: vec![0; super::BUF_SIZE],
             cache: None,
@@ -477,11 +476,8 @@ impl Builder {
                 let meta = lower_meta(&l, display)?;
                 self.set_meta(c.node, meta)?;
             }
-            None if !c.over_whiteout => {
-                if matches!(self.below, Below::Unknown) {
-                    self.needs_lowers = true;
-                }
-                self.implicit.insert(c.path.clone());
+            None if !c.over_whiteout && matches!(self.below, Below::Unknown) => {
+                self.needs_lowers = true;
             }
             None => {}
         }
@@ -549,10 +545,7 @@ impl Builder {
         let node = match e.kind {
             Kind::Dir => {
                 let node = match self.look(dir, base)? {
-                    Some((c, Is::Dir)) => {
-                        self.implicit.remove(&here);
-                        c
-                    }
+                    Some((c, Is::Dir)) => c,
                     existing => {
                         let d = self.new_dir()?;
                         self.link(dir, base, d)?;

@@ -90,6 +90,7 @@ pub struct Applied {
     /// Directories the layer needed but did not list and no lower had,
     /// made 0755 root (relative to the root). Applied without its lowers,
     /// a layer hands these to [`adopt_lower_metadata`] once they exist.
+    /// Empty for an indexed layer: [`reindex_layer`] redoes it whole.
     pub implicit_dirs: Vec<PathBuf>,
     /// Applied without its lowers, the result depends on them: the rebase
     /// must fix it up ([`adopt_lower_metadata`], [`reindex_layer`]).
