@@ -195,7 +195,6 @@ fn spill(dir: &Path, budget: usize) -> Spill {
     }
 }
 
-
 fn open_below(below: &IndexBelow, userxattr: bool) -> Result<Below, ArchiveError> {
     Ok(match below {
         IndexBelow::Nothing => Below::Nothing,
