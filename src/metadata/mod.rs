@@ -109,7 +109,21 @@ impl Db {
         }
         let mut conn = Connection::open(&path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Turning a new database to WAL needs it alone, and SQLite answers
+        // "busy" at once, without waiting, while another process opening
+        // the same new root does the same: take turns.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match conn.pragma_update(None, "journal_mode", "WAL") {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                done => break done?,
+            }
+        }
         // FULL: a committed row survives power loss, so it never outlives the
         // files it describes in the other direction either.
         conn.pragma_update(None, "synchronous", "FULL")?;
