@@ -67,7 +67,7 @@ pub fn index_layer_within(
     let decoded = compression::decoder(layer, compression)?;
     let mut hashed = HashingReader::new(decoded);
     let below = open_below(below, userxattr)?;
-    let mut builder = Builder::new(below, userxattr, Some(spill(dir, memory)))?;
+    let mut builder = Builder::new(below, userxattr, spill(dir, memory))?;
     let mut staging = Staging::new(dir.join(STAGING));
     let out = BufWriter::with_capacity(1 << 20, Writeback::new(tar_file));
     let mut tee = Tee::new(&mut hashed, Some(out));
@@ -126,16 +126,6 @@ pub fn reindex_layer(
     lowers: Vec<PathBuf>,
     userxattr: bool,
 ) -> Result<(), ArchiveError> {
-    reindex_layer_within(dir, lowers, userxattr, INDEX_MEMORY)
-}
-
-/// [`reindex_layer`] with the index's memory bounded by `memory` bytes.
-pub fn reindex_layer_within(
-    dir: &Path,
-    lowers: Vec<PathBuf>,
-    userxattr: bool,
-    memory: usize,
-) -> Result<(), ArchiveError> {
     let tar_path = dir.join(LAYER_TAR);
     let file = File::open(&tar_path).map_err(|source| ArchiveError::Open {
         what: "layer tar",
@@ -151,7 +141,7 @@ pub fn reindex_layer_within(
         })?
         .len();
     let below = open_below(&IndexBelow::Lowers(lowers), userxattr)?;
-    let mut builder = Builder::new(below, userxattr, Some(spill(dir, memory)))?;
+    let mut builder = Builder::new(below, userxattr, spill(dir, INDEX_MEMORY))?;
     let mut staging = Staging::new(dir.join(STAGING));
     let mut tee = Tee::<_, File>::new(file, None);
     // Only headers (and sparse files' data) are read again: the rest of

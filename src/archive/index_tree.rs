@@ -209,7 +209,7 @@ fn bound(t: Time) -> Time {
 
 impl Builder {
     /// A builder whose tree moves to `spill` once it outgrows memory.
-    pub fn new(below: Below, userxattr: bool, spill: Option<Spill>) -> Result<Self, ArchiveError> {
+    pub fn new(below: Below, userxattr: bool, spill: Spill) -> Result<Self, ArchiveError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| Time {
@@ -218,12 +218,8 @@ impl Builder {
             })
             .unwrap_or_default();
         let root = fresh(now, libc::S_IFDIR | 0o755, 0, 0);
-        let tree = match spill {
-            Some(spill) => Tree::with_spill(root, spill)?,
-            None => Tree::new(root),
-        };
         Ok(Builder {
-            tree,
+            tree: Tree::with_spill(root, spill)?,
             below,
             opaque_xattr: whiteout::opaque_xattr(userxattr),
             now,

@@ -341,14 +341,6 @@ impl Tree {
         }
     }
 
-    /// The inode placed `seq`th.
-    pub fn at(&self, seq: u32) -> Result<Option<NodeId>> {
-        match &self.store {
-            Store::Memory(m) => Ok(m.order.get(seq as usize).copied()),
-            Store::Spilled(s) => s.at(seq),
-        }
-    }
-
     /// Up to `limit` placed inodes from the `from`th on, in image order:
     /// the image is written in bounded pieces.
     pub fn in_order(&self, from: u32, limit: usize) -> Result<Vec<(NodeId, Placed, Inode)>> {

@@ -457,13 +457,6 @@ impl Spilled {
         Ok(out)
     }
 
-    pub fn at(&self, seq: u32) -> Result<Option<NodeId>> {
-        self.conn
-            .prepare_cached("SELECT id FROM placed WHERE seq = ?1")
-            .and_then(|mut st| st.query_row([seq], |r| r.get(0)).optional())
-            .map_err(self.err("reading the image order"))
-    }
-
     pub fn clear_placements(&mut self) -> Result<()> {
         self.conn
             .execute("DELETE FROM placed", [])

@@ -24,7 +24,8 @@ use super::format::{
     DeviceSlot, EXTENDED_INODE_SIZE, ExtendedInode, INODE_SLOT, INODE_SLOT_BITS, NAME_LEN_MAX,
     NULL_ADDR, SUPER_OFFSET, SUPER_SIZE, SuperBlock,
 };
-use super::tree::{Data, Error as TreeError, Inode, NodeId, Placed, ROOT, Tree};
+use super::tree::{Data, Entry, Error as TreeError, Inode, NodeId, Placed, ROOT, Tree};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 
@@ -373,58 +374,84 @@ fn order(tree: &mut Tree) -> Result<u32, Error> {
 /// directory's own link count.
 fn place_entries(tree: &mut Tree, dir: NodeId, next: &mut u32) -> Result<u32, Error> {
     let mut nlink: u32 = 2;
-    // Placements made from this batch: it was read before them.
-    let mut fresh: Vec<(NodeId, Placed)> = Vec::new();
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let batch = tree.entries(dir, after.as_deref(), BATCH)?;
-        fresh.clear();
-        for e in &batch {
-            check_name(&e.name).map_err(|err| at_entry(tree, dir, &e.name, err))?;
-            let is_dir = e.mode & libc::S_IFMT == libc::S_IFDIR;
-            let known = match fresh.iter().rev().find(|(id, _)| *id == e.id) {
-                Some((_, p)) => Some(*p),
-                None => e.placed,
-            };
-            let placed = match known {
-                None => {
-                    let placed = Placed {
-                        seq: *next,
-                        parent: dir,
-                        nlink: if is_dir { 2 } else { 1 },
-                        pos: 0,
-                        size: 0,
-                    };
-                    *next = next
-                        .checked_add(1)
-                        .filter(|&n| n < u32::MAX)
-                        .ok_or_else(|| unrepresentable("over 2^32 inodes"))?;
-                    if is_dir {
-                        nlink = nlink
-                            .checked_add(1)
-                            .ok_or_else(|| unrepresentable("over 2^32 subdirectories"))?;
-                    }
-                    placed
-                }
-                Some(_) if is_dir => {
-                    let err = invalid("a directory named twice (or the root named)");
-                    return Err(at_entry(tree, dir, &e.name, err));
-                }
-                Some(mut p) => {
-                    p.nlink = p
-                        .nlink
-                        .checked_add(1)
-                        .ok_or_else(|| unrepresentable("over 2^32 hardlinks"))?;
-                    p
-                }
-            };
-            tree.place(e.id, placed)?;
-            fresh.push((e.id, placed));
+    // Placements made since the current batch was read (a hardlink named
+    // twice in it): the batch says nothing of them.
+    let mut fresh: HashMap<NodeId, Placed> = HashMap::new();
+    let mut entries = Entries::of(dir);
+    while let Some((e, new_batch)) = entries.next(tree)? {
+        if new_batch {
+            fresh.clear();
         }
-        match batch.into_iter().last() {
-            Some(last) => after = Some(last.name),
-            None => return Ok(nlink),
+        check_name(&e.name).map_err(|err| at_entry(tree, dir, &e.name, err))?;
+        let is_dir = e.mode & libc::S_IFMT == libc::S_IFDIR;
+        let placed = match fresh.get(&e.id).copied().or(e.placed) {
+            None => {
+                let placed = Placed {
+                    seq: *next,
+                    parent: dir,
+                    nlink: if is_dir { 2 } else { 1 },
+                    pos: 0,
+                    size: 0,
+                };
+                *next = next
+                    .checked_add(1)
+                    .filter(|&n| n < u32::MAX)
+                    .ok_or_else(|| unrepresentable("over 2^32 inodes"))?;
+                if is_dir {
+                    nlink = nlink
+                        .checked_add(1)
+                        .ok_or_else(|| unrepresentable("over 2^32 subdirectories"))?;
+                }
+                placed
+            }
+            Some(_) if is_dir => {
+                let err = invalid("a directory named twice (or the root named)");
+                return Err(at_entry(tree, dir, &e.name, err));
+            }
+            Some(mut p) => {
+                p.nlink = p
+                    .nlink
+                    .checked_add(1)
+                    .ok_or_else(|| unrepresentable("over 2^32 hardlinks"))?;
+                p
+            }
+        };
+        tree.place(e.id, placed)?;
+        fresh.insert(e.id, placed);
+    }
+    Ok(nlink)
+}
+
+/// A directory's entries in byte order of their names, read from the
+/// tree in batches.
+struct Entries {
+    dir: NodeId,
+    /// The last name read from the tree, once a batch was.
+    after: Option<Vec<u8>>,
+    batch: std::vec::IntoIter<Entry>,
+}
+
+impl Entries {
+    fn of(dir: NodeId) -> Self {
+        Entries {
+            dir,
+            after: None,
+            batch: Vec::new().into_iter(),
         }
+    }
+
+    /// The next entry, and whether it is the first of a batch just read.
+    fn next(&mut self, tree: &Tree) -> Result<Option<(Entry, bool)>, Error> {
+        if let Some(e) = self.batch.next() {
+            return Ok(Some((e, false)));
+        }
+        let batch = tree.entries(self.dir, self.after.as_deref(), BATCH)?;
+        let Some(last) = batch.last() else {
+            return Ok(None);
+        };
+        self.after = Some(last.name.clone());
+        self.batch = batch.into_iter();
+        Ok(self.batch.next().map(|e| (e, true)))
     }
 }
 
@@ -784,28 +811,21 @@ fn dir_blocks(
         .into_iter()
         .peekable();
     let mut block = DirBlock::default();
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let batch = tree.entries(id, after.as_deref(), BATCH)?;
-        for e in &batch {
-            while let Some((name, nid)) = dots.next_if(|(n, _)| *n < e.name.as_slice()) {
-                block.push(name, nid, dir_ft, &mut emit)?;
+    let mut entries = Entries::of(id);
+    while let Some((e, _)) = entries.next(tree)? {
+        while let Some((name, nid)) = dots.next_if(|(n, _)| *n < e.name.as_slice()) {
+            block.push(name, nid, dir_ft, &mut emit)?;
+        }
+        let child = match (resolve, &e.placed) {
+            (false, _) => 0,
+            (true, Some(p)) => nid(p),
+            (true, None) => {
+                let err = invalid(format!("inode {} is named but not placed", e.id));
+                return Err(at_entry(tree, id, &e.name, err));
             }
-            let child = match (resolve, &e.placed) {
-                (false, _) => 0,
-                (true, Some(p)) => nid(p),
-                (true, None) => {
-                    let err = invalid(format!("inode {} is named but not placed", e.id));
-                    return Err(at_entry(tree, id, &e.name, err));
-                }
-            };
-            let ft = format::file_type(e.mode).unwrap_or(0);
-            block.push(&e.name, child, ft, &mut emit)?;
-        }
-        match batch.into_iter().last() {
-            Some(last) => after = Some(last.name),
-            None => break,
-        }
+        };
+        let ft = format::file_type(e.mode).unwrap_or(0);
+        block.push(&e.name, child, ft, &mut emit)?;
     }
     for (name, nid) in dots {
         block.push(name, nid, dir_ft, &mut emit)?;
@@ -897,14 +917,13 @@ fn path(tree: &Tree, mut id: NodeId) -> String {
 
 /// A name directory `dir` gives inode `id`.
 fn name_in(tree: &Tree, dir: NodeId, id: NodeId) -> Option<Vec<u8>> {
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let batch = tree.entries(dir, after.as_deref(), BATCH).ok()?;
-        if let Some(e) = batch.iter().find(|e| e.id == id) {
-            return Some(e.name.clone());
+    let mut entries = Entries::of(dir);
+    while let Some((e, _)) = entries.next(tree).ok()? {
+        if e.id == id {
+            return Some(e.name);
         }
-        after = Some(batch.into_iter().last()?.name);
     }
+    None
 }
 
 /// `e` said of inode `id`.

@@ -363,16 +363,15 @@ fn inodes_and_inline_tails_never_straddle_blocks() {
     let p = plan(&mut tree, l.tar.len() as u64, false, 0).unwrap();
     // The root comes first (at most padded to the next block), so its nid
     // fits the superblock's 16 bits.
-    assert_eq!(tree.at(0).unwrap(), Some(ROOT));
+    let nodes = tree.in_order(0, usize::MAX).unwrap();
+    assert_eq!(nodes.len(), p.count as usize);
+    assert_eq!(nodes[0].0, ROOT);
     let root = tree.placed(ROOT).unwrap().unwrap();
     assert!(root.pos <= 1536, "root at {}", root.pos);
     let mut end = 0;
-    for seq in 0..p.count {
-        let id = tree.at(seq).unwrap().unwrap();
-        let placed = tree.placed(id).unwrap().unwrap();
+    for (_, placed, inode) in &nodes {
         let pos = placed.pos;
-        let inode = tree.inode(id).unwrap().into_owned();
-        let (kind, xattr_size) = p.kind(&inode, &placed).unwrap();
+        let (kind, xattr_size) = p.kind(inode, placed).unwrap();
         assert!(pos >= end, "overlap at {pos}");
         assert_eq!(pos % 32, 0);
         let head = 64 + xattr_size as u64;
