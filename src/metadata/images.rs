@@ -104,6 +104,17 @@ fn select_images(
     Ok(out)
 }
 
+/// How a write treats a name that is, or is not, already taken.
+#[derive(Debug, Clone, Copy)]
+enum Write {
+    /// Only a new name.
+    Create,
+    /// Only an existing name.
+    Update,
+    /// Either.
+    Put,
+}
+
 impl Db {
     pub fn image(&self, namespace: &str, name: &str) -> Result<Image> {
         self.transaction(|tx| select_images(tx, Some(namespace), Some(name)))?
@@ -123,75 +134,76 @@ impl Db {
 
     /// Records a new image; AlreadyExists when the name is taken.
     pub fn create_image(&self, namespace: &str, image: Image) -> Result<Image> {
-        self.write_image(namespace, image, false)
+        self.write_image(namespace, image, Write::Create)
     }
 
     /// Points an existing name at a new target and labels; NotFound when absent.
     pub fn update_image(&self, namespace: &str, image: Image) -> Result<Image> {
-        self.write_image(namespace, image, true)
+        self.write_image(namespace, image, Write::Update)
     }
 
     /// Creates the image, or updates it when the name exists (keeping its
-    /// creation time).
+    /// creation time), in one transaction: a removal of the name between a
+    /// create and an update would otherwise fail the update.
     pub fn put_image(&self, namespace: &str, image: Image) -> Result<Image> {
-        match self.create_image(namespace, image.clone()) {
-            Err(Error::AlreadyExists(_)) => self.update_image(namespace, image),
-            other => other,
-        }
+        self.write_image(namespace, image, Write::Put)
     }
 
-    fn write_image(&self, namespace: &str, mut image: Image, update: bool) -> Result<Image> {
+    /// Writes `image` and reads it back in the same transaction, so a
+    /// removal that follows cannot make a write that succeeded report
+    /// the name as missing.
+    fn write_image(&self, namespace: &str, mut image: Image, how: Write) -> Result<Image> {
         if image.name.is_empty() {
             return Err(Error::InvalidArgument("an image needs a name".to_string()));
         }
         let _guard = self.mutation_guard();
         image.updated_at = SystemTime::now();
-        self.transaction(|tx| {
+        let (existed, written) = self.transaction(|tx| {
             let t = &image.target;
             let (digest, size) = (t.digest.to_string(), t.size as i64);
             let updated_at = to_nanos(image.updated_at);
-            let n = if update {
-                tx.prepare_cached(
-                    "UPDATE images SET media_type = ?3, digest = ?4, size = ?5, updated_at = ?6
-                     WHERE namespace = ?1 AND name = ?2",
-                )?
-                .execute(params![
-                    namespace,
-                    image.name,
-                    t.media_type,
-                    digest,
-                    size,
-                    updated_at
-                ])?
-            } else {
-                tx.prepare_cached(
-                    "INSERT OR IGNORE INTO images
-                     (namespace, name, media_type, digest, size, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![
-                    namespace,
-                    image.name,
-                    t.media_type,
-                    digest,
-                    size,
-                    to_nanos(image.created_at),
-                    updated_at
-                ])?
-            };
-            match (n, update) {
-                (0, true) => return Err(Error::NotFound(format!("image {:?}", image.name))),
-                (0, false) => return Err(Error::AlreadyExists(format!("image {:?}", image.name))),
+            let existed = super::exists(
+                tx,
+                "SELECT 1 FROM images WHERE namespace = ?1 AND name = ?2",
+                params![namespace, image.name],
+            )?;
+            match (how, existed) {
+                (Write::Update, false) => {
+                    return Err(Error::NotFound(format!("image {:?}", image.name)));
+                }
+                (Write::Create, true) => {
+                    return Err(Error::AlreadyExists(format!("image {:?}", image.name)));
+                }
                 _ => {}
             }
+            tx.prepare_cached(
+                "INSERT INTO images
+                 (namespace, name, media_type, digest, size, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (namespace, name) DO UPDATE SET media_type = excluded.media_type,
+                 digest = excluded.digest, size = excluded.size, updated_at = excluded.updated_at",
+            )?
+            .execute(params![
+                namespace,
+                image.name,
+                t.media_type,
+                digest,
+                size,
+                to_nanos(image.created_at),
+                updated_at
+            ])?;
             replace_labels(tx, "image_labels", namespace, &image.name, &image.labels)?;
             crate::failpoint!("image-record");
-            Ok(())
+            let written = select_images(tx, Some(namespace), Some(&image.name))?
+                .pop()
+                .map(|(_, image)| image)
+                .ok_or_else(|| Error::NotFound(format!("image {:?}", image.name)))?;
+            Ok((existed, written))
         })?;
         let (ns, name, target) = (namespace.to_string(), image.name, image.target.digest);
         self.notify(|| {
             let name = name.clone();
-            if update {
+            if existed {
                 super::Change::ImageUpdated {
                     namespace: ns,
                     name,
@@ -205,7 +217,7 @@ impl Db {
                 }
             }
         });
-        self.image(namespace, &name)
+        Ok(written)
     }
 
     /// Points every name of `names` at `target`, with `labels`, in one
@@ -353,6 +365,33 @@ mod tests {
         assert_eq!(labels.get("w0").map(String::as_str), Some("299"));
         assert_eq!(labels.get("w1").map(String::as_str), Some("299"));
         assert_eq!(db.list_images(NS, &Default::default()).unwrap().len(), 10);
+    }
+
+    /// A name removed while it is put again is either recorded or not, and
+    /// the put never reports it missing (a pull's record raced removals so).
+    #[test]
+    fn putting_a_name_that_is_being_removed_never_finds_it_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = std::sync::Arc::new(Db::open(dir.path()).unwrap());
+        let name = "docker.io/library/raced:1";
+        db.put_image(NS, Image::new(name, target(b"m"))).unwrap();
+        let remover = {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                for _ in 0..2000 {
+                    match db.delete_image(NS, name) {
+                        Ok(()) | Err(Error::NotFound(_)) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        };
+        for i in 0..2000 {
+            let put = db.put_image(NS, Image::new(name, target(format!("{i}").as_bytes())));
+            let put = put.unwrap_or_else(|e| panic!("put {i}: {e}"));
+            assert_eq!(put.target.digest, Digest::of(format!("{i}").as_bytes()));
+        }
+        remover.join().unwrap();
     }
 
     /// Names recorded after a pull point where the pull's name does, or
