@@ -104,6 +104,41 @@ fn select_images(
     Ok(out)
 }
 
+fn name_taken(tx: &rusqlite::Transaction<'_>, namespace: &str, name: &str) -> Result<bool> {
+    super::exists(
+        tx,
+        "SELECT 1 FROM images WHERE namespace = ?1 AND name = ?2",
+        params![namespace, name],
+    )
+    .map_err(Into::into)
+}
+
+/// Points `name` at `target`; a name already taken keeps its creation time.
+fn upsert(
+    tx: &rusqlite::Transaction<'_>,
+    namespace: &str,
+    name: &str,
+    target: &Descriptor,
+    (created_at, updated_at): (i64, i64),
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO images (namespace, name, media_type, digest, size, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (namespace, name) DO UPDATE SET media_type = excluded.media_type,
+         digest = excluded.digest, size = excluded.size, updated_at = excluded.updated_at",
+    )?
+    .execute(params![
+        namespace,
+        name,
+        target.media_type,
+        target.digest.to_string(),
+        target.size as i64,
+        created_at,
+        updated_at
+    ])?;
+    Ok(())
+}
+
 /// How a write treats a name that is, or is not, already taken.
 #[derive(Debug, Clone, Copy)]
 enum Write {
@@ -159,14 +194,7 @@ impl Db {
         let _guard = self.mutation_guard();
         image.updated_at = SystemTime::now();
         let (existed, written) = self.transaction(|tx| {
-            let t = &image.target;
-            let (digest, size) = (t.digest.to_string(), t.size as i64);
-            let updated_at = to_nanos(image.updated_at);
-            let existed = super::exists(
-                tx,
-                "SELECT 1 FROM images WHERE namespace = ?1 AND name = ?2",
-                params![namespace, image.name],
-            )?;
+            let existed = name_taken(tx, namespace, &image.name)?;
             match (how, existed) {
                 (Write::Update, false) => {
                     return Err(Error::NotFound(format!("image {:?}", image.name)));
@@ -176,22 +204,8 @@ impl Db {
                 }
                 _ => {}
             }
-            tx.prepare_cached(
-                "INSERT INTO images
-                 (namespace, name, media_type, digest, size, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (namespace, name) DO UPDATE SET media_type = excluded.media_type,
-                 digest = excluded.digest, size = excluded.size, updated_at = excluded.updated_at",
-            )?
-            .execute(params![
-                namespace,
-                image.name,
-                t.media_type,
-                digest,
-                size,
-                to_nanos(image.created_at),
-                updated_at
-            ])?;
+            let times = (to_nanos(image.created_at), to_nanos(image.updated_at));
+            upsert(tx, namespace, &image.name, &image.target, times)?;
             replace_labels(tx, "image_labels", namespace, &image.name, &image.labels)?;
             crate::failpoint!("image-record");
             let written = select_images(tx, Some(namespace), Some(&image.name))?
@@ -235,38 +249,19 @@ impl Db {
     ) -> Result<bool> {
         let _guard = self.mutation_guard();
         let now = to_nanos(SystemTime::now());
-        let digest = target.digest.to_string();
         let written = self.transaction(|tx| -> Result<Option<Vec<(String, bool)>>> {
             let still = super::exists(
                 tx,
                 "SELECT 1 FROM images WHERE namespace = ?1 AND name = ?2 AND digest = ?3",
-                params![namespace, pulled, digest],
+                params![namespace, pulled, target.digest.to_string()],
             )?;
             if !still {
                 return Ok(None);
             }
             let mut written = Vec::new();
             for name in names {
-                let existed = super::exists(
-                    tx,
-                    "SELECT 1 FROM images WHERE namespace = ?1 AND name = ?2",
-                    params![namespace, name],
-                )?;
-                tx.prepare_cached(
-                    "INSERT INTO images
-                     (namespace, name, media_type, digest, size, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-                     ON CONFLICT (namespace, name) DO UPDATE SET media_type = excluded.media_type,
-                     digest = excluded.digest, size = excluded.size, updated_at = excluded.updated_at",
-                )?
-                .execute(params![
-                    namespace,
-                    name,
-                    target.media_type,
-                    digest,
-                    target.size as i64,
-                    now
-                ])?;
+                let existed = name_taken(tx, namespace, name)?;
+                upsert(tx, namespace, name, target, (now, now))?;
                 replace_labels(tx, "image_labels", namespace, name, labels)?;
                 written.push((name.clone(), existed));
             }
