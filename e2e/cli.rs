@@ -69,6 +69,21 @@ fn script(reg: &Registry, run: &Path) -> Vec<(Vec<String>, bool)> {
         c(&["pull", &missing], false),
         c(&["images"], true),
         c(&["images", "-q"], true),
+        c(&["snapshots", "ls"], true),
+        c(&["snapshots", "ls", "--snapshotter", "overlay"], true),
+        c(&["snapshots", "ls", "--snapshotter", "zfs"], false),
+        c(&["content", "ls"], true),
+        c(
+            &[
+                "content",
+                "ls",
+                "-q",
+                "digest==sha256:0",
+                "digest~=^sha256:",
+            ],
+            true,
+        ),
+        c(&["content", "ls", "labels.\"unclosed"], false),
         c(&["mount", &app, &at("mnt")], true),
         c(&["unmount", &at("mnt")], true),
         c(&["unmount", &at("plain")], true),
@@ -163,12 +178,52 @@ async fn every_command_prints_the_same_on_a_root_and_through_the_daemon_as_root(
             }
             ("images", _) => assert!(on_root.stdout.starts_with("REF "), "{on_root:?}"),
             ("gc", _) => assert!(on_root.stdout.starts_with("removed "), "{on_root:?}"),
+            ("snapshots", true) => {
+                assert!(on_root.stdout.starts_with("KEY "), "{on_root:?}");
+                // The image's two layers; naming overlayfs lists them or,
+                // on a root of another backend, none.
+                let committed = on_root.stdout.matches(" Committed ").count();
+                match args.len() {
+                    2 => assert_eq!(committed, 2, "{on_root:?}"),
+                    _ => assert!(committed == 2 || committed == 0, "{on_root:?}"),
+                }
+            }
+            ("snapshots", false) => {
+                assert!(
+                    on_root.stderr.contains("unknown snapshotter"),
+                    "{on_root:?}"
+                )
+            }
+            ("content", true) if args.contains(&"-q") => {
+                // Manifest, config and two layers: any filter may match.
+                let digests = on_root.stdout.lines();
+                assert_eq!(digests.filter(|l| l.starts_with("sha256:")).count(), 4);
+            }
+            ("content", true) => {
+                assert!(on_root.stdout.starts_with("DIGEST "), "{on_root:?}");
+                assert!(
+                    on_root.stdout.contains("containerd.io/gc.ref"),
+                    "{on_root:?}"
+                );
+            }
+            ("content", false) => {
+                assert!(on_root.stderr.contains("invalid filter"), "{on_root:?}")
+            }
             _ => {}
         }
     }
     // Each of those went through the daemon: the root was its alone.
     let log = daemon.log();
-    for call in ["Pull", "List", "Remove", "Mount", "Unmount", "Gc"] {
+    for call in [
+        "Pull",
+        "List",
+        "Remove",
+        "Mount",
+        "Unmount",
+        "Gc",
+        "Snapshots",
+        "Content",
+    ] {
         assert!(log.contains(&format!("api=\"{call}\"")), "{call}: {log}");
     }
 }

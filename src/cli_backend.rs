@@ -11,6 +11,7 @@ use hoist::metadata::Db;
 use hoist::root::{LockError, RootLock, human_size};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 pub enum Backend {
     Root { db: Arc<Db>, _lock: RootLock },
@@ -97,6 +98,60 @@ impl Backend {
             eprintln!(
                 "{} was not mounted by hoist mount; unmounted only",
                 dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn snapshots(&mut self, namespace: &str, snapshotter: Option<&str>) -> Result<()> {
+        let snapshots = match self {
+            Backend::Root { db, .. } => ops::list_snapshots(db, namespace, snapshotter)?,
+            Backend::Daemon(d) => d.snapshots(namespace, snapshotter)?,
+        };
+        println!(
+            "{:<80}  {:<71}  {:<9}  SNAPSHOTTER",
+            "KEY", "PARENT", "KIND"
+        );
+        for s in snapshots {
+            println!(
+                "{:<80}  {:<71}  {:<9}  {}",
+                s.key, s.parent, s.kind, s.snapshotter
+            );
+        }
+        Ok(())
+    }
+
+    pub fn content(&mut self, namespace: &str, quiet: bool, filters: &[String]) -> Result<()> {
+        let blobs = match self {
+            Backend::Root { db, .. } => ops::list_content(db, namespace, filters)?,
+            Backend::Daemon(d) => d.content(namespace, filters)?,
+        };
+        if !quiet {
+            println!("{:<71}  {:>10}  {:<16}  LABELS", "DIGEST", "SIZE", "AGE");
+        }
+        for blob in blobs {
+            if quiet {
+                println!("{}", blob.digest);
+                continue;
+            }
+            let age = SystemTime::now()
+                .duration_since(blob.created_at)
+                .map(|d| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string())
+                .unwrap_or_else(|_| "0s".to_string());
+            let labels: Vec<String> = blob
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let labels = match labels.is_empty() {
+                true => "-".to_string(),
+                false => labels.join(","),
+            };
+            println!(
+                "{:<71}  {:>10}  {:<16}  {labels}",
+                blob.digest,
+                human_size(blob.size),
+                age,
             );
         }
         Ok(())

@@ -4,7 +4,7 @@
 
 use crate::cli_pull;
 use anyhow::{Context, Result, anyhow, bail};
-use hoist::api::ops::{ImageSummary, MountOptions, Removal};
+use hoist::api::ops::{BlobSummary, ImageSummary, MountOptions, Removal, SnapshotSummary};
 use hoist::api::v1::{self, hoist_client::HoistClient};
 use hoist::metadata::gc::GcReport;
 use hoist::root::human_size;
@@ -89,6 +89,30 @@ impl Daemon {
         let response = self.runtime.block_on(self.client.gc(v1::GcRequest {}));
         let stats = response.map_err(|s| self.failed(s))?.into_inner().stats;
         Ok(stats.as_ref().map(Into::into).unwrap_or_default())
+    }
+
+    pub fn snapshots(
+        &mut self,
+        namespace: &str,
+        snapshotter: Option<&str>,
+    ) -> Result<Vec<SnapshotSummary>> {
+        let request = v1::SnapshotsRequest {
+            namespace: namespace.to_string(),
+            snapshotter: snapshotter.unwrap_or_default().to_string(),
+        };
+        let response = self.runtime.block_on(self.client.snapshots(request));
+        let snapshots = response.map_err(|s| self.failed(s))?.into_inner().snapshots;
+        Ok(snapshots.into_iter().map(Into::into).collect())
+    }
+
+    pub fn content(&mut self, namespace: &str, filters: &[String]) -> Result<Vec<BlobSummary>> {
+        let request = v1::ContentRequest {
+            namespace: namespace.to_string(),
+            filters: filters.to_vec(),
+        };
+        let response = self.runtime.block_on(self.client.content(request));
+        let blobs = response.map_err(|s| self.failed(s))?.into_inner().blobs;
+        Ok(blobs.into_iter().map(Into::into).collect())
     }
 
     /// Pulls through the daemon, its streamed progress replayed into the

@@ -2,12 +2,9 @@
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use hoist::content::Store;
-use hoist::filters::Filter;
 use hoist::metadata::NAMESPACE_DEFAULT;
-use hoist::root::{default_root, human_size, validate_namespace};
+use hoist::root::{default_root, validate_namespace};
 use std::path::PathBuf;
-use std::time::SystemTime;
 
 #[derive(Parser)]
 #[command(
@@ -193,7 +190,6 @@ mod cli_backend;
 mod cli_check;
 mod cli_daemon;
 mod cli_display;
-mod cli_mount;
 mod cli_pull;
 mod cli_serve;
 
@@ -269,6 +265,8 @@ fn run(cli: Cli) -> Result<()> {
             | Command::Mount { .. }
             | Command::Unmount { .. }
             | Command::Gc
+            | Command::Snapshots { .. }
+            | Command::Content { .. }
     );
     let mut backend = cli_backend::Backend::open(&root, collects, daemon_answers)?;
     match cli.command {
@@ -389,51 +387,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Snapshots {
             command: SnapshotsCommand::Ls { snapshotter },
-        } => cli_mount::list_snapshots(backend.db()?, &namespace, snapshotter.as_deref())?,
+        } => backend.snapshots(&namespace, snapshotter.as_deref())?,
         Command::Content {
             command: ContentCommand::Ls { quiet, filters },
-        } => {
-            let store = backend.db()?.content_store(&namespace);
-            let filter = Filter::parse_all(&filters)?;
-            let mut rows = Vec::new();
-            store.walk(&filter, &mut |info| {
-                rows.push(info);
-                Ok(())
-            })?;
-            rows.sort_by_key(|info| info.created_at);
-            if !quiet {
-                println!("{:<71}  {:>10}  {:<16}  LABELS", "DIGEST", "SIZE", "AGE");
-            }
-            for info in rows {
-                if quiet {
-                    println!("{}", info.digest);
-                    continue;
-                }
-                let age = SystemTime::now()
-                    .duration_since(info.created_at)
-                    .map(|d| {
-                        humantime::format_duration(std::time::Duration::from_secs(d.as_secs()))
-                            .to_string()
-                    })
-                    .unwrap_or_else(|_| "0s".to_string());
-                let labels: Vec<String> = info
-                    .labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                println!(
-                    "{:<71}  {:>10}  {:<16}  {}",
-                    info.digest.to_string(),
-                    human_size(info.size),
-                    age,
-                    if labels.is_empty() {
-                        "-".to_string()
-                    } else {
-                        labels.join(",")
-                    }
-                );
-            }
-        }
+        } => backend.content(&namespace, quiet, &filters)?,
     }
     Ok(())
 }

@@ -234,6 +234,53 @@ impl From<v1::Image> for ops::ImageSummary {
     }
 }
 
+impl From<ops::SnapshotSummary> for v1::Snapshot {
+    fn from(s: ops::SnapshotSummary) -> Self {
+        v1::Snapshot {
+            key: s.key,
+            parent: s.parent,
+            kind: s.kind,
+            snapshotter: s.snapshotter,
+        }
+    }
+}
+
+impl From<v1::Snapshot> for ops::SnapshotSummary {
+    fn from(s: v1::Snapshot) -> Self {
+        ops::SnapshotSummary {
+            key: s.key,
+            parent: s.parent,
+            kind: s.kind,
+            snapshotter: s.snapshotter,
+        }
+    }
+}
+
+impl From<ops::BlobSummary> for v1::Blob {
+    fn from(b: ops::BlobSummary) -> Self {
+        v1::Blob {
+            digest: b.digest,
+            size: b.size,
+            created: Some(b.created_at.into()),
+            labels: b.labels.into_iter().collect(),
+        }
+    }
+}
+
+impl From<v1::Blob> for ops::BlobSummary {
+    fn from(b: v1::Blob) -> Self {
+        ops::BlobSummary {
+            digest: b.digest,
+            size: b.size,
+            created_at: b
+                .created
+                .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                .unwrap_or(std::time::SystemTime::UNIX_EPOCH),
+            labels: b.labels.into_iter().collect(),
+        }
+    }
+}
+
 impl From<&ops::Removal> for v1::RemoveResponse {
     fn from(r: &ops::Removal) -> Self {
         v1::RemoveResponse {
@@ -376,5 +423,20 @@ mod tests {
             ops::Removal::from(&v1::RemoveResponse::from(&removal)),
             removal
         );
+        let snapshot = ops::SnapshotSummary {
+            key: "k".into(),
+            parent: "p".into(),
+            kind: "active".into(),
+            snapshotter: "erofs".into(),
+        };
+        let back = ops::SnapshotSummary::from(v1::Snapshot::from(snapshot.clone()));
+        assert_eq!(back, snapshot);
+        let blob = ops::BlobSummary {
+            digest: "sha256:03".into(),
+            size: 8,
+            created_at: std::time::SystemTime::UNIX_EPOCH + Duration::from_nanos(1_500_000_001),
+            labels: [("a".to_string(), "b".to_string())].into(),
+        };
+        assert_eq!(ops::BlobSummary::from(v1::Blob::from(blob.clone())), blob);
     }
 }

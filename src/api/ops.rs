@@ -33,6 +33,10 @@ pub enum Error {
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::Error),
     #[error(transparent)]
+    Content(#[from] crate::content::Error),
+    #[error(transparent)]
+    Filter(#[from] crate::filters::FilterError),
+    #[error(transparent)]
     Mount(#[from] crate::mount::Error),
     #[error("{context}: {source}")]
     Io {
@@ -155,6 +159,72 @@ pub fn remove_images(db: &Arc<Db>, namespace: &str, references: &[String]) -> Re
 /// Garbage collection over content and every snapshotter on disk.
 pub fn collect(db: &Arc<Db>) -> Result<GcReport> {
     Ok(snapshot::garbage_collect(db)?)
+}
+
+/// One line of `hoist snapshots ls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotSummary {
+    pub key: String,
+    /// Empty for a snapshot without one.
+    pub parent: String,
+    /// `active`, `committed` or `view`.
+    pub kind: String,
+    pub snapshotter: String,
+}
+
+/// A namespace's snapshots in every snapshotter the root has, or only in
+/// `only`. Listing makes nothing: a snapshotter the root never used has
+/// none (making its directory would make it the root's choice next time).
+pub fn list_snapshots(
+    db: &Arc<Db>,
+    namespace: &str,
+    only: Option<&str>,
+) -> Result<Vec<SnapshotSummary>> {
+    let only = only.map(snapshot::canonical_name).transpose()?;
+    let mut out = Vec::new();
+    for root in snapshot::open_existing(db)? {
+        if only.is_some_and(|name| name != root.name()) {
+            continue;
+        }
+        root.namespace(namespace)
+            .walk(&Filter::default(), &mut |info| {
+                out.push(SnapshotSummary {
+                    key: info.name,
+                    parent: info.parent.unwrap_or_default(),
+                    kind: info.kind.as_str().to_string(),
+                    snapshotter: root.name().to_string(),
+                });
+                Ok(())
+            })?;
+    }
+    Ok(out)
+}
+
+/// One line of `hoist content ls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobSummary {
+    pub digest: String,
+    pub size: u64,
+    pub created_at: std::time::SystemTime,
+    pub labels: crate::content::Labels,
+}
+
+/// A namespace's blobs that match any of `filters` (containerd's syntax),
+/// oldest first.
+pub fn list_content(db: &Arc<Db>, namespace: &str, filters: &[String]) -> Result<Vec<BlobSummary>> {
+    let filter = Filter::parse_all(filters)?;
+    let mut out = Vec::new();
+    db.content_store(namespace).walk(&filter, &mut |info| {
+        out.push(BlobSummary {
+            digest: info.digest.to_string(),
+            size: info.size,
+            created_at: info.created_at,
+            labels: info.labels,
+        });
+        Ok(())
+    })?;
+    out.sort_by_key(|b| b.created_at);
+    Ok(out)
 }
 
 /// What `hoist mount` asks for.

@@ -190,6 +190,39 @@ impl Hoist for Api {
         }))
     }
 
+    async fn snapshots(
+        &self,
+        request: Request<v1::SnapshotsRequest>,
+    ) -> Result<Response<v1::SnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        let namespace = namespace(&req.namespace)?;
+        let db = self.db().clone();
+        let only = Some(req.snapshotter).filter(|s| !s.is_empty());
+        let snapshots = run("Snapshots", move || {
+            ops::list_snapshots(&db, &namespace, only.as_deref())
+        })
+        .await?;
+        Ok(Response::new(v1::SnapshotsResponse {
+            snapshots: snapshots.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn content(
+        &self,
+        request: Request<v1::ContentRequest>,
+    ) -> Result<Response<v1::ContentResponse>, Status> {
+        let req = request.into_inner();
+        let namespace = namespace(&req.namespace)?;
+        let db = self.db().clone();
+        let blobs = run("Content", move || {
+            ops::list_content(&db, &namespace, &req.filters)
+        })
+        .await?;
+        Ok(Response::new(v1::ContentResponse {
+            blobs: blobs.into_iter().map(Into::into).collect(),
+        }))
+    }
+
     async fn remove(
         &self,
         request: Request<v1::RemoveRequest>,

@@ -87,6 +87,8 @@ pub fn ops_status(e: &crate::api::ops::Error) -> Status {
         )) => Code::NotFound,
         O::Stored(_) => Code::FailedPrecondition,
         O::Snapshot(s) => snapshot_status(s).code(),
+        O::Content(c) => content_status(c).code(),
+        O::Filter(_) => Code::InvalidArgument,
         O::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
         O::Metadata(_) | O::Mount(_) | O::Io { .. } => Code::Internal,
     };

@@ -174,6 +174,16 @@ pub(crate) fn seal_tree(fs: &Path) -> Result<Usage> {
 /// Every backend's name, in the order a root without one prefers them.
 pub const NAMES: [&str; 3] = ["erofs", "overlayfs", "native"];
 
+/// A backend's name as `NAMES` spells it (`overlay` is `overlayfs`).
+pub fn canonical_name(name: &str) -> Result<&'static str> {
+    let name = if name == "overlay" { "overlayfs" } else { name };
+    NAMES.into_iter().find(|n| *n == name).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "unknown snapshotter {name:?}: use erofs, overlayfs or native"
+        ))
+    })
+}
+
 /// The snapshotter named `name` (`erofs`, `overlayfs` or `native`). With
 /// `None`, the one this root was made with; a new root gets erofs where
 /// this host supports it, else overlay where it supports that, else native.
@@ -181,6 +191,7 @@ pub fn open(
     db: &std::sync::Arc<crate::metadata::Db>,
     name: Option<&str>,
 ) -> Result<std::sync::Arc<SnapshotRoot>> {
+    let name = name.map(canonical_name).transpose()?;
     let snapshots = db.root().join("snapshots");
     // Before the overlay probe, which would make it with the umask's mode.
     private_dir(&snapshots)?;
@@ -197,13 +208,9 @@ pub fn open(
             }
             Box::new(erofs::Erofs::new())
         }
-        Some("overlayfs") | Some("overlay") => Box::new(overlay::Overlay::new()),
-        Some("native") => Box::new(native::Native),
-        Some(other) => {
-            return Err(Error::InvalidArgument(format!(
-                "unknown snapshotter {other:?}: use erofs, overlayfs or native"
-            )));
-        }
+        Some("overlayfs") => Box::new(overlay::Overlay::new()),
+        // "native": `NAMES` has no other.
+        Some(_) => Box::new(native::Native),
         None => match erofs::supported(&snapshots) {
             Ok(()) => Box::new(erofs::Erofs::new()),
             Err(why) if overlay::supported(&snapshots) => {
@@ -262,6 +269,16 @@ pub fn garbage_collect(
 #[cfg(test)]
 mod tests {
     use super::open;
+
+    #[test]
+    fn names_are_checked_and_overlay_is_overlayfs() {
+        assert_eq!(super::canonical_name("overlay").unwrap(), "overlayfs");
+        for name in super::NAMES {
+            assert_eq!(super::canonical_name(name).unwrap(), name);
+        }
+        let refused = super::canonical_name("zfs").unwrap_err().to_string();
+        assert!(refused.contains("unknown snapshotter \"zfs\""), "{refused}");
+    }
 
     /// The default is for new roots only: one made with another backend
     /// keeps it, whatever this host would choose now.
