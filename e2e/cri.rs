@@ -346,7 +346,7 @@ async fn restart_keeps_images_and_a_sigtermed_pull_resumes_as_root() {
     let out = Command::new(env!("CARGO_BIN_EXE_hoist"))
         .arg("--root")
         .arg(&root)
-        .args(["content", "ls"])
+        .args(["check"])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -22,6 +22,14 @@ fn entries(dir: &Path) -> Vec<std::ffi::OsString> {
         .unwrap_or_default()
 }
 
+/// The one snapshotter directory the daemon made (erofs where the kernel
+/// has it, else overlayfs): the layer's tree was begun there.
+fn daemon_backend(root: &Path) -> String {
+    let made = entries(&root.join("snapshots"));
+    assert_eq!(made.len(), 1, "{made:?}");
+    made[0].to_string_lossy().into_owned()
+}
+
 async fn refused_by_the_daemon(name: &str, layer: &HostileLayer, entry: &str) {
     let reg = Registry::start();
     let repo = format!("hostile/{name}");
@@ -46,6 +54,8 @@ async fn refused_by_the_daemon(name: &str, layer: &HostileLayer, entry: &str) {
         layer.tar_size >> 20,
         started.elapsed()
     );
+    // The image is at fault, not hoist.
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     let message = err.message();
     assert!(
         message.contains(&digest) && message.contains("refused") && message.contains(entry),
@@ -67,7 +77,8 @@ async fn refused_by_the_daemon(name: &str, layer: &HostileLayer, entry: &str) {
     assert!(rss < 128 << 10, "peak RSS {rss} KiB");
     // A RemoveImage of the name collects: nothing of the refused pull is
     // left, once its own cleanup has finished.
-    let trees = root.join("snapshots/overlayfs");
+    let backend = daemon_backend(&root);
+    let trees = root.join("snapshots").join(backend);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         client

@@ -6,6 +6,10 @@ use tonic::{Code, Status};
 
 pub fn pull_status(e: &PullError) -> Status {
     let msg = e.to_string();
+    // Whichever step ran out: freeing space and pulling again finishes it.
+    if e.is_out_of_space() {
+        return Status::resource_exhausted(msg);
+    }
     let code = match e {
         PullError::Reference(_) => Code::InvalidArgument,
         PullError::Remote(r) => match r {
@@ -26,6 +30,8 @@ pub fn pull_status(e: &PullError) -> Status {
             _ => Code::FailedPrecondition,
         },
         PullError::Content(c) => return content_status(c),
+        // Like a manifest hoist cannot use: the image, not hoist, is at fault.
+        PullError::Apply(_) if e.is_invalid_layer() => Code::FailedPrecondition,
         PullError::Metadata(_)
         | PullError::Snapshot(_)
         | PullError::Apply(_)
@@ -153,6 +159,39 @@ mod tests {
             timeout: Duration::from_secs(1),
         });
         assert_eq!(s.code(), Code::DeadlineExceeded);
+        let applying = |source| {
+            pull_status(&PullError::Apply(crate::diff::Error::Archive {
+                layer: "sha256:l".into(),
+                dir: "/root/snapshots/erofs/3".into(),
+                source,
+            }))
+        };
+        use crate::archive::ArchiveError as A;
+        let s = applying(A::Breakout {
+            path: "../x".into(),
+            reason: "climbs out".into(),
+        });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("sha256:l") && s.message().contains("../x"));
+        let full = |source| A::Io {
+            op: "writing".into(),
+            path: "big".into(),
+            source,
+        };
+        let s = applying(full(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(
+            s.message().contains("/root/snapshots/erofs/3"),
+            "{}",
+            s.message()
+        );
+        let s = applying(full(std::io::Error::from_raw_os_error(libc::EIO)));
+        assert_eq!(s.code(), Code::Internal);
+        let s = pull_status(&PullError::Content(crate::content::Error::Io {
+            context: "writing ingest x".into(),
+            source: std::io::Error::from_raw_os_error(libc::EDQUOT),
+        }));
+        assert_eq!(s.code(), Code::ResourceExhausted);
         let bad = crate::reference::Reference::parse("UPPER").unwrap_err();
         assert_eq!(
             pull_status(&PullError::Reference(bad)).code(),

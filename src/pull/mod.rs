@@ -41,6 +41,26 @@ impl Error {
         )
     }
 
+    /// Whether a layer's tar itself is at fault: an entry malformed,
+    /// hostile, or beyond what hoist applies. The same layer fails the same
+    /// way on every try; the registry served what the digest names.
+    pub fn is_invalid_layer(&self) -> bool {
+        use crate::archive::ArchiveError as A;
+        matches!(
+            self,
+            Error::Apply(crate::diff::Error::Archive {
+                source: A::Malformed { .. }
+                    | A::Refused { .. }
+                    | A::Breakout { .. }
+                    | A::UnsupportedType { .. }
+                    | A::InvalidWhiteout { .. }
+                    | A::Hardlink { .. }
+                    | A::NotADirectory { .. },
+                ..
+            })
+        )
+    }
+
     /// Whether the pull failed for want of disk space (or quota), in a
     /// file or in the database: freeing space and pulling again can finish it.
     pub fn is_out_of_space(&self) -> bool {
