@@ -224,6 +224,16 @@ async fn a_pod_runs_from_hoists_snapshots_as_root() {
         &["/bin/busybox", "sleep", "3600"],
     )
     .await;
+    let preloaded = push_runnable(
+        &reg,
+        "e2e/preloaded",
+        &[
+            executable_layer("bin/busybox", "/bin/busybox"),
+            gzip_layer(&[("etc/preloaded", b"pulled by the command line\n")]),
+        ],
+        &["/bin/busybox", "sleep", "3600"],
+    )
+    .await;
     push_runnable(
         &reg,
         "e2e/pause",
@@ -287,6 +297,41 @@ async fn a_pod_runs_from_hoists_snapshots_as_root() {
         .expect("containerd knows the image hoist pulled");
     assert!(known.repo_tags.contains(&image), "{:?}", known.repo_tags);
 
+    // An image preloaded into kubelet's namespace with the command line
+    // (through the daemon) is a CRI image too: kubelet sees it, and
+    // containerd knows it without a CRI pull.
+    let preloaded_ref = format!("{}/e2e/preloaded:1", reg.addr);
+    let (ok, text) = hoist_cli(&root, &["-n", "k8s.io", "pull", &preloaded_ref]);
+    assert!(ok, "{text}\n{}\n{}", hoist.log(), containerd.log());
+    let seen = hoist
+        .client()
+        .await
+        .image_status(ImageStatusRequest {
+            image: spec(&preloaded_ref),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .expect("kubelet sees the image the command line pulled");
+    assert_eq!(seen.id, preloaded.config.digest.to_string());
+    let known = ctrd_images
+        .image_status(ImageStatusRequest {
+            image: spec(&seen.id),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .expect("containerd knows the image the command line pulled");
+    assert!(
+        known.repo_tags.contains(&preloaded_ref),
+        "{:?}",
+        known.repo_tags
+    );
+
     // A restart of hoist between pull and create.
     hoist.stop();
     drop(hoist);
@@ -331,35 +376,47 @@ async fn a_pod_runs_from_hoists_snapshots_as_root() {
             Err(s) => panic!("{s:?}\n{}\n{}", containerd.log(), hoist.log()),
         }
     };
-    let container = runtime
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(ContainerConfig {
-                metadata: Some(ContainerMetadata {
-                    name: "busybox".into(),
-                    attempt: 0,
+    let mut start = async |name: &str, image: &str| {
+        let container = runtime
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: name.into(),
+                        attempt: 0,
+                    }),
+                    image: spec(image),
+                    log_path: format!("{name}.log"),
+                    ..Default::default()
                 }),
-                image: spec(&pulled),
-                log_path: "busybox.log".into(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(pod_config),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("{s:?}\n{}\n{}", containerd.log(), hoist.log()))
-        .into_inner()
-        .container_id;
-    runtime
-        .start_container(StartContainerRequest {
-            container_id: container.clone(),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("{s:?}\n{}", containerd.log()));
-    let exec = |cmd: &[&str]| ExecSyncRequest {
-        container_id: container.clone(),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("{s:?}\n{}\n{}", containerd.log(), hoist.log()))
+            .into_inner()
+            .container_id;
+        runtime
+            .start_container(StartContainerRequest {
+                container_id: container.clone(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("{s:?}\n{}", containerd.log()));
+        container
+    };
+    let container = start("busybox", &pulled).await;
+    let second = start("preloaded", &preloaded_ref).await;
+    let exec = |container: &str, cmd: &[&str]| ExecSyncRequest {
+        container_id: container.to_string(),
         cmd: cmd.iter().map(|s| s.to_string()).collect(),
         timeout: 10,
     };
+    let read = runtime
+        .exec_sync(exec(&second, &["/bin/busybox", "cat", "/etc/preloaded"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.stdout, b"pulled by the command line\n", "{read:?}");
+    let exec = |cmd: &[&str]| exec(&container, cmd);
     let read = runtime
         .exec_sync(exec(&["/bin/busybox", "cat", "/etc/hoist-test"]))
         .await
@@ -414,20 +471,22 @@ async fn a_pod_runs_from_hoists_snapshots_as_root() {
     let own_layers = std::fs::read_dir(&own).map(|d| d.count()).unwrap_or(0);
     assert_eq!(own_layers, 0, "layers in {}", own.display());
 
-    // Teardown as kubelet does it, then the image through hoist.
-    runtime
-        .stop_container(StopContainerRequest {
-            container_id: container.clone(),
-            timeout: 1,
-        })
-        .await
-        .unwrap();
-    runtime
-        .remove_container(RemoveContainerRequest {
-            container_id: container,
-        })
-        .await
-        .unwrap();
+    // Teardown as kubelet does it, then the images through hoist.
+    for container in [container, second] {
+        runtime
+            .stop_container(StopContainerRequest {
+                container_id: container.clone(),
+                timeout: 1,
+            })
+            .await
+            .unwrap();
+        runtime
+            .remove_container(RemoveContainerRequest {
+                container_id: container,
+            })
+            .await
+            .unwrap();
+    }
     runtime
         .stop_pod_sandbox(StopPodSandboxRequest {
             pod_sandbox_id: pod.clone(),
@@ -440,14 +499,14 @@ async fn a_pod_runs_from_hoists_snapshots_as_root() {
         })
         .await
         .unwrap();
-    hoist
-        .client()
-        .await
-        .remove_image(RemoveImageRequest {
-            image: spec(&image),
-        })
-        .await
-        .unwrap();
+    for name in [&image, &preloaded_ref] {
+        hoist
+            .client()
+            .await
+            .remove_image(RemoveImageRequest { image: spec(name) })
+            .await
+            .unwrap();
+    }
     let gone = ctrd_images
         .image_status(ImageStatusRequest {
             image: spec(&pulled),

@@ -76,7 +76,7 @@ pub fn run(cli: Cli) -> Result<()> {
     // Pulls and image changes, whoever makes them, for `hoist events` and `hoist ps`.
     let activity = hoist::activity::Activity::new();
     activity.watch(puller.db());
-    let api = hoist::api::server::Api::new(puller.clone(), activity.clone());
+    let mut api = hoist::api::server::Api::new(puller.clone(), activity.clone());
     let mut service =
         Service::new(puller, snapshots.clone(), &file.pinned_images)?.with_activity(activity);
     let containerd = file
@@ -86,10 +86,13 @@ pub fn run(cli: Cli) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(hoist::cri::containerd::DEFAULT_ADDRESS));
     if !containerd.as_os_str().is_empty() {
         let snapshotter = file.containerd.snapshotter.clone();
-        service = service.with_containerd(hoist::cri::containerd::Containerd::new(
+        let containerd = std::sync::Arc::new(hoist::cri::containerd::Containerd::new(
             containerd,
             snapshotter.unwrap_or_else(|| hoist::cri::containerd::DEFAULT_SNAPSHOTTER.into()),
         ));
+        // CRI pulls, and pulls into k8s.io through hoist's own API, alike.
+        api = api.with_containerd(containerd.clone());
+        service = service.with_containerd(containerd);
     }
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(async {

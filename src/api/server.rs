@@ -5,8 +5,9 @@
 use super::progress::{Forwarder, INTERVAL};
 use super::{API_VERSION, CRI_API_VERSION, PullSummary, ops, v1};
 use crate::activity::Activity;
+use crate::cri::containerd::Containerd;
 use crate::cri::errors::{api_pull_status, internal, invalid, ops_status};
-use crate::metadata::{Db, NAMESPACE_DEFAULT};
+use crate::metadata::{Db, NAMESPACE_CRI, NAMESPACE_DEFAULT};
 use crate::pull::{PullOptions, Puller};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -23,13 +24,25 @@ const STREAM_BUFFER: usize = 64;
 pub struct Api {
     puller: Arc<Puller>,
     activity: Arc<Activity>,
+    /// Where a pull into `k8s.io` is published, as a CRI pull is.
+    containerd: Option<Arc<Containerd>>,
 }
 
 impl Api {
     /// Pulls go through `puller` (the CRI service's, so both share one
     /// download limit and one download per blob), listed in `activity`.
     pub fn new(puller: Arc<Puller>, activity: Arc<Activity>) -> Self {
-        Api { puller, activity }
+        Api {
+            puller,
+            activity,
+            containerd: None,
+        }
+    }
+
+    /// Publishes pulls into `k8s.io` to containerd, as the CRI service does.
+    pub fn with_containerd(mut self, containerd: Arc<Containerd>) -> Self {
+        self.containerd = Some(containerd);
+        self
     }
 
     fn db(&self) -> &Arc<Db> {
@@ -138,13 +151,20 @@ impl Hoist for Api {
                 self.snapshotter()
             )));
         }
-        let credentials = match req.credentials {
-            Some(c) if !c.username.is_empty() => Some(
+        let given = req.credentials.filter(|c| !c.username.is_empty());
+        let credentials = match &given {
+            Some(c) => Some(
                 crate::remote::Credentials::from_fields(&c.username, &c.password, "", "", "")
                     .map_err(invalid)?,
             ),
-            _ => None,
+            None => None,
         };
+        // containerd is asked with the same credentials.
+        let auth = given.map(|c| k8s_cri::v1::AuthConfig {
+            username: c.username,
+            password: c.password,
+            ..Default::default()
+        });
         let options = PullOptions {
             platforms: req
                 .platforms
@@ -159,6 +179,7 @@ impl Hoist for Api {
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let (puller, activity) = (self.puller.clone(), self.activity.clone());
+        let containerd = self.containerd.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let outcome = forward_pull(
@@ -170,10 +191,30 @@ impl Hoist for Api {
                 &tx,
             )
             .await;
-            if let Some(last) = outcome {
-                log("Pull", started, last.as_ref().err());
-                let _ = tx.send(last).await;
+            // The client has gone: the pull was dropped.
+            let Some(outcome) = outcome else { return };
+            let last = async {
+                let pulled = outcome?;
+                // kubelet sees, and containerd can run, what is pulled and
+                // unpacked into the CRI namespace, however it came.
+                if namespace == NAMESPACE_CRI && !options.no_unpack {
+                    crate::cri::record_and_publish(
+                        puller.db(),
+                        containerd.as_deref(),
+                        &pulled,
+                        auth,
+                    )
+                    .await?;
+                }
+                Ok(v1::PullEvent {
+                    event: Some(v1::pull_event::Event::Done(
+                        (&PullSummary::from(&pulled)).into(),
+                    )),
+                })
             }
+            .await;
+            log("Pull", started, last.as_ref().err());
+            let _ = tx.send(last).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -335,9 +376,9 @@ impl Hoist for Api {
     }
 }
 
-/// Runs the pull, streaming its progress to `tx`; the stream's last
-/// message, or `None` once the client has gone (which drops the pull, as
-/// Ctrl-C stops a pull on a bare root; its lease keeps what it fetched).
+/// Runs the pull, streaming its progress to `tx`; the pull's outcome, or
+/// `None` once the client has gone (which drops the pull, as Ctrl-C stops
+/// a pull on a bare root; its lease keeps what it fetched).
 async fn forward_pull(
     activity: &Activity,
     puller: &Arc<Puller>,
@@ -345,7 +386,7 @@ async fn forward_pull(
     reference: &str,
     options: &PullOptions,
     tx: &mpsc::Sender<Result<v1::PullEvent, Status>>,
-) -> Option<Result<v1::PullEvent, Status>> {
+) -> Option<Result<crate::pull::Pulled, Status>> {
     let mut forwarder = Forwarder::new();
     let pull = activity.pull(puller, namespace, reference, options, forwarder.progress());
     tokio::pin!(pull);
@@ -364,12 +405,5 @@ async fn forward_pull(
     for event in forwarder.drain() {
         tx.send(Ok(event)).await.ok()?;
     }
-    Some(match result {
-        Ok(pulled) => Ok(v1::PullEvent {
-            event: Some(v1::pull_event::Event::Done(
-                (&PullSummary::from(&pulled)).into(),
-            )),
-        }),
-        Err(e) => Err(api_pull_status(&e)),
-    })
+    Some(result.map_err(|e| api_pull_status(&e)))
 }

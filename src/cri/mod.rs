@@ -84,8 +84,8 @@ impl Service {
     }
 
     /// Publishes every CRI pull (and removal) to containerd as well.
-    pub fn with_containerd(mut self, containerd: containerd::Containerd) -> Self {
-        self.containerd = Some(Arc::new(containerd));
+    pub fn with_containerd(mut self, containerd: Arc<containerd::Containerd>) -> Self {
+        self.containerd = Some(containerd);
         self
     }
 
@@ -423,6 +423,31 @@ impl ImageService for Service {
         })
         .await
     }
+}
+
+/// Makes an image pulled into `k8s.io` some other way than CRI (through
+/// hoist's own API, `hoist -n k8s.io pull`) what a CRI pull makes it: its
+/// names and labels recorded, so kubelet sees it, and containerd told, so
+/// pods can run it. Returns the image id.
+pub async fn record_and_publish(
+    db: &Arc<Db>,
+    containerd: Option<&containerd::Containerd>,
+    pulled: &crate::pull::Pulled,
+    auth: Option<AuthConfig>,
+) -> Result<String, Status> {
+    let (db, recorded) = (db.clone(), pulled.clone());
+    let id = tokio::task::spawn_blocking(move || records::record(&db, &recorded))
+        .await
+        .map_err(internal)?
+        .map_err(|e| record_status(&e))?;
+    if let Some(containerd) = containerd {
+        let spec = ImageSpec {
+            image: pulled.name.clone(),
+            ..Default::default()
+        };
+        containerd.publish(spec, auth, None, &id).await?;
+    }
+    Ok(id)
 }
 
 #[cfg(test)]
