@@ -43,10 +43,13 @@ fn hoist(root: &Path, args: &[&str]) -> Out {
 /// printed their lines (each line's own order stays).
 fn normalize(text: &str, run: &Path) -> String {
     let text = text.replace(&run.display().to_string(), "<RUN>");
-    let durations = regex::Regex::new(r"\b\d+(\.\d+)?(ns|µs|ms|s)\b").unwrap();
+    let durations = regex::Regex::new(r"\b\d+(\.\d+)?(ns|µs|ms|s|m|h)\b").unwrap();
     let rates = regex::Regex::new(r"\([^()]*/s\)").unwrap();
     let text = rates.replace_all(&text, "(RATE)");
     let text = durations.replace_all(&text, "T");
+    // An age ("9s", "1m 2s") padded to its column: one T, one gap.
+    let ages = regex::Regex::new(r"\bT( T)*  +").unwrap();
+    let text = ages.replace_all(&text, "T  ");
     let state = regex::Regex::new(
         r"^(\S+): (resolving|resolved|waiting|downloading|unpacking|done|exists|failed)$",
     )

@@ -104,6 +104,11 @@ impl Backend {
     }
 
     pub fn snapshots(&mut self, namespace: &str, snapshotter: Option<&str>) -> Result<()> {
+        // Checked here, so both paths refuse a bad name alike (through
+        // the daemon an empty one would mean every snapshotter).
+        let snapshotter = snapshotter
+            .map(hoist::snapshot::canonical_name)
+            .transpose()?;
         let snapshots = match self {
             Backend::Root { db, .. } => ops::list_snapshots(db, namespace, snapshotter)?,
             Backend::Daemon(d) => d.snapshots(namespace, snapshotter)?,

@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 use tonic::transport::Channel;
 
+/// The largest reply the command line takes from the daemon.
+const MAX_REPLY: usize = 1 << 30;
+
 pub struct Daemon {
     socket: PathBuf,
     runtime: tokio::runtime::Runtime,
@@ -27,7 +30,9 @@ impl Daemon {
         Ok(Daemon {
             socket: socket.to_path_buf(),
             runtime,
-            client: HoistClient::new(channel),
+            // Listings of a busy root (every blob with its labels) can be
+            // far larger than tonic's 4 MiB default.
+            client: HoistClient::new(channel).max_decoding_message_size(MAX_REPLY),
         })
     }
 

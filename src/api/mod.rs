@@ -426,7 +426,7 @@ mod tests {
         let snapshot = ops::SnapshotSummary {
             key: "k".into(),
             parent: "p".into(),
-            kind: "active".into(),
+            kind: "Active".into(),
             snapshotter: "erofs".into(),
         };
         let back = ops::SnapshotSummary::from(v1::Snapshot::from(snapshot.clone()));

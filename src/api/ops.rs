@@ -167,13 +167,13 @@ pub struct SnapshotSummary {
     pub key: String,
     /// Empty for a snapshot without one.
     pub parent: String,
-    /// `active`, `committed` or `view`.
+    /// `Active`, `Committed` or `View`.
     pub kind: String,
     pub snapshotter: String,
 }
 
 /// A namespace's snapshots in every snapshotter the root has, or only in
-/// `only`. Listing makes nothing: a snapshotter the root never used has
+/// `only`, by snapshotter and then by key, as containerd lists them. Listing makes nothing: a snapshotter the root never used has
 /// none (making its directory would make it the root's choice next time).
 pub fn list_snapshots(
     db: &Arc<Db>,
@@ -186,9 +186,10 @@ pub fn list_snapshots(
         if only.is_some_and(|name| name != root.name()) {
             continue;
         }
+        let mut listed = Vec::new();
         root.namespace(namespace)
             .walk(&Filter::default(), &mut |info| {
-                out.push(SnapshotSummary {
+                listed.push(SnapshotSummary {
                     key: info.name,
                     parent: info.parent.unwrap_or_default(),
                     kind: info.kind.as_str().to_string(),
@@ -196,6 +197,8 @@ pub fn list_snapshots(
                 });
                 Ok(())
             })?;
+        listed.sort_by(|a, b| a.key.cmp(&b.key));
+        out.extend(listed);
     }
     Ok(out)
 }
@@ -210,7 +213,7 @@ pub struct BlobSummary {
 }
 
 /// A namespace's blobs that match any of `filters` (containerd's syntax),
-/// oldest first.
+/// by digest, as containerd lists them.
 pub fn list_content(db: &Arc<Db>, namespace: &str, filters: &[String]) -> Result<Vec<BlobSummary>> {
     let filter = Filter::parse_all(filters)?;
     let mut out = Vec::new();
@@ -223,7 +226,7 @@ pub fn list_content(db: &Arc<Db>, namespace: &str, filters: &[String]) -> Result
         });
         Ok(())
     })?;
-    out.sort_by_key(|b| b.created_at);
+    out.sort_by(|a, b| a.digest.cmp(&b.digest));
     Ok(out)
 }
 

@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 type PullFuture = Shared<BoxFuture<'static, Result<String, Status>>>;
 
 /// Pulls of one PullImage when removals of the image keep overlapping them.
-const PULL_ATTEMPTS: usize = 3;
+pub const PULL_ATTEMPTS: usize = 3;
 
 /// Pulls in flight by [`flight_key`].
 type Flights = Mutex<HashMap<String, PullFuture>>;
