@@ -173,8 +173,9 @@ pub struct SnapshotSummary {
 }
 
 /// A namespace's snapshots in every snapshotter the root has, or only in
-/// `only`, by snapshotter and then by key, as containerd lists them. Listing makes nothing: a snapshotter the root never used has
-/// none (making its directory would make it the root's choice next time).
+/// `only`, by snapshotter and then by key, as containerd lists them.
+/// Listing makes nothing: a snapshotter the root never used has none
+/// (making its directory would make it the root's choice next time).
 pub fn list_snapshots(
     db: &Arc<Db>,
     namespace: &str,

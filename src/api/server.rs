@@ -5,7 +5,6 @@
 use super::progress::{Forwarder, INTERVAL};
 use super::{API_VERSION, CRI_API_VERSION, PullSummary, ops, v1};
 use crate::activity::Activity;
-use crate::cri::PULL_ATTEMPTS;
 use crate::cri::containerd::Containerd;
 use crate::cri::errors::{api_pull_status, internal, invalid, ops_status};
 use crate::metadata::{Db, NAMESPACE_CRI, NAMESPACE_DEFAULT};
@@ -16,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use v1::hoist_server::{Hoist, HoistServer};
 
 /// Messages a slow client may leave unread before its stream waits.
@@ -190,43 +189,28 @@ impl Hoist for Api {
         let containerd = self.containerd.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let mut attempt = 1;
-            let last = loop {
-                let outcome = forward_pull(
-                    &activity,
-                    &puller,
-                    &namespace,
-                    &req.reference,
-                    &options,
-                    &tx,
-                )
-                .await;
+            let (activity, puller, namespace, options) = (&activity, &puller, &namespace, &options);
+            let (reference, tx, containerd, auth) = (&req.reference, &tx, &containerd, &auth);
+            let last = crate::cri::again_while_removed(|| async move {
+                let outcome =
+                    forward_pull(activity, puller, namespace, reference, options, tx).await;
                 // The client has gone: the pull was dropped.
-                let Some(outcome) = outcome else { return };
-                let last: Result<v1::PullEvent, Status> = async {
-                    let pulled = outcome?;
-                    if as_cri {
-                        let (db, containerd) = (puller.db(), containerd.as_deref());
-                        crate::cri::record_and_publish(db, containerd, &pulled, auth.clone())
-                            .await?;
-                    }
-                    Ok(v1::PullEvent {
-                        event: Some(v1::pull_event::Event::Done(
-                            (&PullSummary::from(&pulled)).into(),
-                        )),
-                    })
+                let Some(outcome) = outcome else {
+                    return Ok(None);
+                };
+                let pulled = outcome?;
+                if as_cri {
+                    let (db, containerd) = (puller.db(), containerd.as_deref());
+                    crate::cri::record_and_publish(db, containerd, &pulled, auth.clone()).await?;
                 }
-                .await;
-                match last {
-                    // A removal took what the pull fetched before it was
-                    // recorded: pulling again records it, as CRI does.
-                    Err(s) if s.code() == Code::Aborted && attempt < PULL_ATTEMPTS => {
-                        tracing::info!(error = s.message(), attempt, "pulling again");
-                        attempt += 1;
-                    }
-                    last => break last,
-                }
-            };
+                Ok(Some(v1::PullEvent {
+                    event: Some(v1::pull_event::Event::Done(
+                        (&PullSummary::from(&pulled)).into(),
+                    )),
+                }))
+            })
+            .await;
+            let Some(last) = last.transpose() else { return };
             log("Pull", started, last.as_ref().err());
             let _ = tx.send(last).await;
         });

@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 type PullFuture = Shared<BoxFuture<'static, Result<String, Status>>>;
 
 /// Pulls of one PullImage when removals of the image keep overlapping them.
-pub const PULL_ATTEMPTS: usize = 3;
+const PULL_ATTEMPTS: usize = 3;
 
 /// Pulls in flight by [`flight_key`].
 type Flights = Mutex<HashMap<String, PullFuture>>;
@@ -325,27 +325,17 @@ impl ImageService for Service {
                     credentials,
                     ..Default::default()
                 };
-                // A removal between the pull and its record may have taken
-                // what it fetched: then it pulls again, a few times at most.
-                let mut attempt = 1;
-                loop {
+                let (puller, activity, reference, options) =
+                    (&puller, &activity, &reference, &options);
+                again_while_removed(|| async move {
                     let progress = Arc::new(Progress::default());
                     let pulled = activity
-                        .pull(&puller, NAMESPACE_CRI, &reference, &options, progress)
+                        .pull(puller, NAMESPACE_CRI, reference, options, progress)
                         .await
                         .map_err(|e| pull_status(&e))?;
-                    let db = puller.db().clone();
-                    match tokio::task::spawn_blocking(move || records::record(&db, &pulled))
-                        .await
-                        .map_err(internal)?
-                    {
-                        Err(e @ records::Error::Removed(_)) if attempt < PULL_ATTEMPTS => {
-                            tracing::info!(error = %e, attempt, "pulling again");
-                            attempt += 1;
-                        }
-                        recorded => return recorded.map_err(|e| record_status(&e)),
-                    }
-                }
+                    record_pulled(puller.db(), pulled).await
+                })
+                .await
             });
             let image_ref = flight.await?;
             if let (Some(containerd), (Some(spec), auth, sandbox)) = (&self.containerd, forwarded) {
@@ -425,6 +415,35 @@ impl ImageService for Service {
     }
 }
 
+/// Runs `pull_and_record` again, a few times at most, while removals that
+/// overlap it take what it fetched before it is recorded (its record then
+/// fails `Aborted`: see `record_status`).
+pub async fn again_while_removed<T, F>(mut pull_and_record: impl FnMut() -> F) -> Result<T, Status>
+where
+    F: std::future::Future<Output = Result<T, Status>>,
+{
+    let mut attempt = 1;
+    loop {
+        match pull_and_record().await {
+            Err(s) if s.code() == tonic::Code::Aborted && attempt < PULL_ATTEMPTS => {
+                tracing::info!(error = s.message(), attempt, "pulling again");
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Records a pulled image's CRI names and labels (off the async runtime);
+/// its id.
+async fn record_pulled(db: &Arc<Db>, pulled: crate::pull::Pulled) -> Result<String, Status> {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || records::record(&db, &pulled))
+        .await
+        .map_err(internal)?
+        .map_err(|e| record_status(&e))
+}
+
 /// Makes an image pulled into `k8s.io` some other way than CRI (through
 /// hoist's own API, `hoist -n k8s.io pull`) what a CRI pull makes it: its
 /// names and labels recorded, so kubelet sees it, and containerd told, so
@@ -435,11 +454,7 @@ pub async fn record_and_publish(
     pulled: &crate::pull::Pulled,
     auth: Option<AuthConfig>,
 ) -> Result<String, Status> {
-    let (db, recorded) = (db.clone(), pulled.clone());
-    let id = tokio::task::spawn_blocking(move || records::record(&db, &recorded))
-        .await
-        .map_err(internal)?
-        .map_err(|e| record_status(&e))?;
+    let id = record_pulled(db, pulled.clone()).await?;
     if let Some(containerd) = containerd {
         let spec = ImageSpec {
             image: pulled.name.clone(),
